@@ -1,0 +1,498 @@
+"""YAML → validated, frozen settings; per-folder rules resolved to one `Rule` per file.
+
+Precedence for every rule field: the first matching entry of a folder's `rules:` list, then the
+folder's own settings, then `defaults:`. Every mistake in a file is reported at once, each with
+its location, so an operator fixes a config in one round trip.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+)
+
+from daemon.errors import ConfigError, ConfigProblem
+from daemon.languages import normalize_language
+
+M = TypeVar("M", bound=BaseModel)
+
+OutputFormat = Literal["txt", "srt", "vtt", "tsv", "json"]
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("txt", "srt", "vtt", "tsv", "json")
+TEMPLATE_FIELDS = frozenset({"stem", "ext", "lang", "task", "model"})
+
+# Names that mean "not a finished recording": partial downloads, editor and OS droppings.
+BUILTIN_IGNORES = (
+    ".*", "*.part", "*.crdownload", "*.tmp", "~$*", "._*", ".DS_Store", "Thumbs.db",
+    "desktop.ini", "@eaDir", ".stfolder", ".~tmp~", "#recycle",
+)  # fmt: skip
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def parse_duration(value: Any) -> Any:
+    """Return seconds for `90`, `"90s"`, `"5m"`, `"1h30m"`; other values pass to pydantic."""
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if not m or not any(m.groups()):
+            raise ValueError(f"not a duration: {value!r} (use seconds, or e.g. '30s', '5m', '1h')")
+        hours, minutes, seconds = (float(g) if g else 0.0 for g in m.groups())
+        return hours * 3600 + minutes * 60 + seconds
+    return value
+
+
+def _language(value: str) -> str:
+    key = value.strip().lower()
+    return key if key in ("auto", "track") else normalize_language(key)
+
+
+def _formats(value: Any) -> Any:
+    if value == "all" or value == ["all"]:
+        return list(OUTPUT_FORMATS)
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _name_template(value: str) -> str:
+    if "/" in value or "\\" in value or value.startswith("."):
+        raise ValueError("must be a plain file name: no '/', '\\' or leading '.'")
+    fields = set(re.findall(r"{(\w*)[^}]*}", value))
+    unknown = fields - TEMPLATE_FIELDS
+    if unknown:
+        raise ValueError(
+            f"unknown field(s) {sorted(unknown)}; available: {sorted(TEMPLATE_FIELDS)}"
+        )
+    if "ext" not in fields:
+        raise ValueError("must contain {ext}, or every format would write the same file")
+    return value
+
+
+def _temperature(value: Any) -> Any:
+    return [value] if isinstance(value, (int, float)) else value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+Language = Annotated[str, AfterValidator(_language)]
+OutputFormats = Annotated[tuple[OutputFormat, ...], BeforeValidator(_formats), Field(min_length=1)]
+NameTemplate = Annotated[str, AfterValidator(_name_template)]
+Temperatures = Annotated[
+    tuple[Annotated[float, Field(ge=0, le=1)], ...], BeforeValidator(_temperature),
+    Field(min_length=1),
+]
+AudioTrack = Union[Literal["default"], Annotated[int, Field(ge=0)], str]
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """Expand ~ and make a relative path relative to the config file's directory."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+ConfigPath = Annotated[Path, BeforeValidator(_resolve_path)]
+
+
+def _resolve_model(value: Any, info: ValidationInfo) -> Any:
+    """Leave a model name alone; make a checkpoint path absolute like any other config path."""
+    if isinstance(value, str) and (value.endswith(".pt") or "/" in value):
+        return str(_resolve_path(value, info))
+    return value
+
+
+ModelName = Annotated[str, BeforeValidator(_resolve_model)]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo like `ouput_formats` must not silently fall back to defaults.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rule(_Strict):
+    """Everything that decides how one file is processed. Field names follow whisper's CLI."""
+
+    model: ModelName = Field("small", description="whisper model name (tiny … large-v3, turbo) or path to a .pt checkpoint")
+    task: Literal["transcribe", "translate"] = Field("transcribe", description="translate always produces English")
+    language: Language = Field("auto", description="'auto' detects; 'track' uses the audio track's language tag (else detects); or a code/name such as 'fr' or 'french'")
+    audio_track: AudioTrack = Field("default", description="'default' (the track marked default, else the first), an index among audio tracks (0 = first), or a language tag to prefer such as 'fra'")
+    output_formats: OutputFormats = Field(OUTPUT_FORMATS, description="any of txt, srt, vtt, tsv, json, or 'all'")
+    output_name: NameTemplate = Field("{stem}.{ext}", description="file name template; fields: stem, ext, lang, task, model (e.g. '{stem}.{lang}.{ext}' for Plex/Jellyfin)")
+    max_line_width: int | None = Field(None, ge=1, description="subtitle line width in characters (needs word_timestamps)")
+    max_line_count: int | None = Field(None, ge=1, description="lines per subtitle cue (needs max_line_width)")
+    max_words_per_line: int | None = Field(None, ge=1, description="words per subtitle line (needs word_timestamps)")
+    highlight_words: bool = Field(False, description="underline each word as it is spoken in srt/vtt (needs word_timestamps)")
+    word_timestamps: bool = Field(False, description="compute per-word timings (json and subtitle layout use them)")
+    initial_prompt: str | None = Field(None, description="text that primes the first window: names, jargon, spelling")
+    temperature: Temperatures = Field((0.0, 0.2, 0.4, 0.6, 0.8, 1.0), description="a value, or the fallback list tried when a window fails the thresholds")
+    beam_size: int | None = Field(5, ge=1, description="beam width at temperature 0; null for greedy")
+    best_of: int | None = Field(5, ge=1, description="candidates sampled at temperatures above 0")
+    sample_len: int | None = Field(None, ge=1, le=224, description="most tokens decoded per 30 s window (null: whisper's 224)")
+    no_speech_threshold: float | None = Field(0.6, description="skip a window whose no-speech probability is above this and whose logprob is below logprob_threshold; null disables")
+    compression_ratio_threshold: float | None = Field(2.4, description="retry a window hotter when its text compresses better than this (repetition); null disables")
+    logprob_threshold: float | None = Field(-1.0, description="retry a window hotter when its average log-probability is below this; null disables")
+    condition_on_previous_text: bool = Field(True, description="feed the previous window's text as a prompt; false resists repetition loops")
+    hallucination_silence_threshold: float | None = Field(None, gt=0, description="skip silences longer than this many seconds around a likely hallucination (needs word_timestamps)")
+    max_attempts: int = Field(5, ge=1, description="attempts for a transiently failing file before it goes to the failed folder")
+    retry_base_delay: Seconds = Field(30.0, description="first retry delay; doubles each attempt, with full jitter")
+    retry_max_delay: Seconds = Field(3600.0, description="cap on the retry delay")
+    on_success: Literal["archive", "delete", "keep"] = Field("archive", description="what happens to the original once its outputs are written")
+
+    def problems(self) -> list[str]:
+        """Return what is wrong with this combination of settings (empty when it is coherent)."""
+        found = []
+        model = self.model.lower()
+        if self.task == "translate" and "turbo" in model:
+            found.append(
+                f"task 'translate' with model {self.model!r}: the turbo model is not trained to "
+                "translate; use 'medium' or 'large-v3' for translation"
+            )
+        if model.endswith(".en") and self.task == "translate":
+            found.append(f"model {self.model!r} is English-only and cannot translate")
+        if model.endswith(".en") and self.language not in ("auto", "track", "en"):
+            found.append(f"model {self.model!r} is English-only; language must be 'en' or 'auto'")
+        needs_words = [
+            name for name in ("max_line_width", "max_words_per_line", "hallucination_silence_threshold")
+            if getattr(self, name) is not None
+        ] + (["highlight_words"] if self.highlight_words else [])
+        if needs_words and not self.word_timestamps:
+            found.append(f"{', '.join(needs_words)} need(s) word_timestamps: true")
+        if self.max_line_count is not None and self.max_line_width is None:
+            found.append("max_line_count needs max_line_width")
+        if self.max_words_per_line is not None and self.max_line_width is not None:
+            found.append("max_words_per_line and max_line_width cannot be combined (whisper uses one)")
+        if self.retry_max_delay < self.retry_base_delay:
+            found.append("retry_max_delay is smaller than retry_base_delay")
+        return found
+
+    def output_filename(self, stem: str, ext: str, lang: str) -> str:
+        """Return the output file name for one format, from the validated template."""
+        model = Path(self.model).stem if self.model.endswith(".pt") else self.model
+        return self.output_name.format(stem=stem, ext=ext, lang=lang, task=self.task, model=model)
+
+
+RULE_FIELDS = tuple(Rule.model_fields)
+
+# The same fields, each optional with no default: what a folder or a rule entry overrides.
+_RuleOverrides: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "RuleOverrides",
+    __base__=_Strict,
+    **{
+        # field.annotation is the bare type; the validators and bounds live in field.metadata.
+        name: (
+            Optional[Annotated[tuple([field.annotation, *field.metadata])] if field.metadata else field.annotation],
+            Field(None, description=field.description),
+        )
+        for name, field in Rule.model_fields.items()
+    },
+)
+
+
+class RuleEntry(_RuleOverrides):  # type: ignore[misc,valid-type]
+    """One entry of a folder's `rules:` list: a glob on the path relative to the inbox, and overrides."""
+
+    match: str = Field(description="glob on the path relative to the inbox, case-insensitive; '*' also crosses '/'")
+
+    def matches(self, relative_path: str) -> bool:
+        """Return True when this entry's glob matches the inbox-relative path."""
+        return fnmatch.fnmatchcase(relative_path.lower(), self.match.lower())
+
+
+class Folder(_RuleOverrides):  # type: ignore[misc,valid-type]
+    """One watched inbox, where its results go, and its own rule settings."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="short unique name, used in logs and the journal")
+    inbox: ConfigPath = Field(description="folder to watch")
+    outbox: ConfigPath = Field(description="transcripts and subtitles go here, mirroring the inbox's subfolders")
+    archive: ConfigPath | None = Field(None, description="originals go here after success (needed when on_success is 'archive')")
+    failed: ConfigPath = Field(description="originals that cannot be processed go here, each with <name>.error.txt")
+    watch: Literal["events", "poll"] = Field("events", description="'events' (inotify, local disks) or 'poll' (SMB/NFS shares, where inotify misses other machines' writes)")
+    poll_interval: Seconds = Field(10.0, description="seconds between polls when watch is 'poll'")
+    stability_delay: Seconds = Field(5.0, description="a file is ready when untouched this long and its size and mtime hold")
+    include: tuple[str, ...] = Field(("*",), description="globs a file must match (relative path, case-insensitive)")
+    exclude: tuple[str, ...] = Field((), description="globs that skip a file, on top of the built-in ignores (dotfiles, *.part, …)")
+    recursive: bool = Field(True, description="watch subfolders too")
+    priority: int = Field(0, description="higher runs first when several folders have work waiting")
+    rules: tuple[RuleEntry, ...] = Field((), description="first matching entry's settings win over the folder's, which win over defaults")
+
+    def overrides(self) -> dict[str, Any]:
+        """Return the rule fields this folder sets itself."""
+        return {k: getattr(self, k) for k in self.model_fields_set if k in RULE_FIELDS}
+
+    def accepts(self, relative_path: str) -> bool:
+        """Return True when the inbox-relative path passes the built-in ignores, include and exclude."""
+        parts = PurePosixPath(relative_path).parts
+        lowered = relative_path.lower()
+        if any(fnmatch.fnmatchcase(part, pat) for part in parts for pat in BUILTIN_IGNORES):
+            return False
+        if not any(fnmatch.fnmatchcase(lowered, pat.lower()) for pat in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(lowered, pat.lower()) for pat in self.exclude)
+
+
+def _rule_overrides(entry: BaseModel) -> dict[str, Any]:
+    return {k: getattr(entry, k) for k in entry.model_fields_set if k in RULE_FIELDS}
+
+
+class Settings(_Strict):
+    """Process-wide settings."""
+
+    state_dir: ConfigPath = Field(Path("/var/lib/whisperd"), description="the journal and other state (local disk)")
+    model_dir: ConfigPath = Field(Path("/var/cache/whisperd/models"), description="named models download here")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (cuda when available), cpu, cuda or cuda:N")
+    preload_models: tuple[ModelName, ...] = Field((), description="models loaded at start-up so the first file waits for nothing")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default. On small CPUs, 1 is often fastest for small models")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal, JSON otherwise (journald)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    probe_timeout: Seconds = Field(60.0, description="wall-clock limit for ffprobe")
+    extract_timeout: Seconds = Field(3600.0, description="wall-clock limit for ffmpeg's audio extraction")
+
+
+class ConfigFile(Settings):
+    """The YAML file's shape, used for the JSON Schema."""
+
+    defaults: Rule = Field(default_factory=Rule, description="every rule field's default for all folders")  # type: ignore[arg-type]
+    folders: tuple[Folder, ...] = Field((), description="the watched folders")
+
+
+class Config:
+    """The validated configuration: settings, folders, and every folder's rules resolved once."""
+
+    def __init__(self, settings: Settings, defaults: Rule, folders: Iterable[Folder], source: Path | None):
+        self.settings = settings
+        self.defaults = defaults
+        self.folders: dict[str, Folder] = {f.name: f for f in folders}
+        self.source = source
+        self._folder_rules: dict[str, tuple[Rule, tuple[tuple[RuleEntry, Rule], ...]]] = {}
+        for folder in self.folders.values():
+            base = _merge(defaults, folder.overrides())
+            entries = tuple((entry, _merge(base, _rule_overrides(entry))) for entry in folder.rules)
+            self._folder_rules[folder.name] = (base, entries)
+
+    def rule_for(self, folder: str, relative_path: str) -> Rule:
+        """Return the rule for a file: the first matching entry, else the folder's own rule."""
+        base, entries = self._folder_rules[folder]
+        for entry, rule in entries:
+            if entry.matches(relative_path):
+                return rule
+        return base
+
+    def folder_rules(self, folder: str) -> tuple[Rule, tuple[tuple[RuleEntry, Rule], ...]]:
+        """Return a folder's own rule and each rules entry with its resolved rule."""
+        return self._folder_rules[folder]
+
+    def models_in_use(self) -> list[str]:
+        """Return every distinct model named by defaults, folders and rules, preloads first."""
+        names = list(self.settings.preload_models)
+        for base, entries in self._folder_rules.values():
+            names += [base.model] + [rule.model for _, rule in entries]
+        return list(dict.fromkeys(names))
+
+
+def _merge(rule: Rule, overrides: Mapping[str, Any]) -> Rule:
+    return Rule.model_validate({**rule.model_dump(), **overrides})
+
+
+def _location(prefix: str, loc: tuple[int | str, ...]) -> str:
+    text = prefix
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _problems(prefix: str, err: ValidationError) -> list[ConfigProblem]:
+    return [
+        ConfigProblem(_location(prefix, tuple(e["loc"])), e["msg"].removeprefix("Value error, "))
+        for e in err.errors()
+    ]
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def _model_problems(model: str) -> list[str]:
+    from daemon.models import model_problem
+
+    problem = model_problem(model)
+    return [problem] if problem else []
+
+
+def _validate(
+    model: type[M], raw: Any, prefix: str, context: dict[str, Any], problems: list[ConfigProblem]
+) -> M | None:
+    """Return the validated model, adding its problems; after errors, validate what is left.
+
+    Dropping the keys in error and validating again lets the cross-field checks still run on
+    the rest, so one typo does not hide a second mistake in the same folder.
+    """
+    try:
+        return model.model_validate(raw, context=context)
+    except ValidationError as err:
+        problems += _problems(prefix, err)
+        pruned = copy.deepcopy(raw)
+        for error in err.errors():
+            _drop(pruned, tuple(error["loc"]))
+    try:
+        return model.model_validate(pruned, context=context)
+    except (ValidationError, TypeError):
+        return None
+
+
+def _drop(data: Any, loc: tuple[int | str, ...]) -> None:
+    """Delete the deepest mapping key on loc's path (pydantic adds union tags past real keys)."""
+    parent: Any = None
+    key: Any = None
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            parent, key, node = node, part, node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            break
+    if isinstance(parent, dict):
+        parent.pop(key, None)
+
+
+def parse_config(data: Any, *, base_dir: Path | None = None, source: Path | None = None) -> Config:
+    """Return the validated Config for parsed YAML data; raise ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem("", "the file must be a YAML mapping")], source)
+    context = {"base_dir": base_dir}
+    problems: list[ConfigProblem] = []
+
+    settings_data = {k: v for k, v in data.items() if k not in ("defaults", "folders")}
+    settings = _validate(Settings, settings_data, "", context, problems)
+    defaults = _validate(Rule, data.get("defaults") or {}, "defaults", context, problems)
+
+    raw_folders = data.get("folders") or []
+    if not isinstance(raw_folders, list):
+        problems.append(ConfigProblem("folders", "must be a list of folders"))
+        raw_folders = []
+    folders: list[tuple[int, Folder]] = []
+    for i, raw in enumerate(raw_folders):
+        folder = _validate(Folder, raw, f"folders[{i}]", context, problems)
+        if folder is not None:
+            folders.append((i, folder))
+
+    problems += _cross_check(defaults, folders, settings)
+    if problems:
+        raise ConfigError(problems, source)
+    assert settings is not None and defaults is not None
+    return Config(settings, defaults, (f for _, f in folders), source)
+
+
+def _cross_check(
+    defaults: Rule | None,
+    folders: list[tuple[int, Folder]],
+    settings: Settings | None,
+) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    models_checked: dict[str, list[str]] = {}
+
+    def check_rule(location: str, rule: Rule) -> None:
+        problems.extend(ConfigProblem(location, p) for p in rule.problems())
+        if rule.model not in models_checked:
+            models_checked[rule.model] = _model_problems(rule.model)
+        problems.extend(ConfigProblem(f"{location}.model" if location else "model", p) for p in models_checked[rule.model])
+
+    if defaults is not None:
+        check_rule("defaults", defaults)
+    if settings is not None:
+        for j, name in enumerate(settings.preload_models):
+            for p in _model_problems(name):
+                problems.append(ConfigProblem(f"preload_models[{j}]", p))
+
+    names: dict[str, int] = {}
+    inboxes: dict[Path, int] = {}
+    for i, folder in folders:
+        where = f"folders[{i}]"
+        if folder.name in names:
+            problems.append(ConfigProblem(f"{where}.name", f"{folder.name!r} is also the name of folders[{names[folder.name]}]"))
+        names.setdefault(folder.name, i)
+        inbox = folder.inbox.resolve()
+        if inbox in inboxes:
+            problems.append(ConfigProblem(f"{where}.inbox", f"folders[{inboxes[inbox]}] already watches {folder.inbox}"))
+        inboxes.setdefault(inbox, i)
+        if defaults is None:
+            continue
+        try:
+            base = _merge(defaults, folder.overrides())
+        except ValidationError as err:
+            problems += _problems(where, err)
+            continue
+        check_rule(where, base)
+        needs_archive = base.on_success == "archive"
+        for r, entry in enumerate(folder.rules):
+            try:
+                rule = _merge(base, _rule_overrides(entry))
+            except ValidationError as err:
+                problems += _problems(f"{where}.rules[{r}]", err)
+                continue
+            check_rule(f"{where}.rules[{r}]", rule)
+            needs_archive |= rule.on_success == "archive"
+        if needs_archive and folder.archive is None:
+            problems.append(ConfigProblem(f"{where}.archive", "required: on_success is 'archive' but no archive folder is set"))
+
+    # An inbox inside another folder's output would feed whisperd its own results.
+    for i, folder in folders:
+        for j, other in folders:
+            for role in ("outbox", "archive", "failed"):
+                target = getattr(other, role)
+                if target is None:
+                    continue
+                if _is_within(folder.inbox, target):
+                    problems.append(ConfigProblem(
+                        f"folders[{i}].inbox",
+                        f"lies inside the {role} of folders[{j}] ({target}); whisperd would process its own output",
+                    ))
+                elif folder.recursive and _is_within(target, folder.inbox):
+                    problems.append(ConfigProblem(
+                        f"folders[{j}].{role}",
+                        f"lies inside the inbox of folders[{i}] ({folder.inbox}); whisperd would process its own output",
+                    ))
+    return problems
+
+
+def load_config(path: str | Path) -> Config:
+    """Return the validated Config from a YAML file; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([ConfigProblem("", f"cannot read {path}: {err.strerror}")], path) from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([ConfigProblem(where, f"not valid YAML: {getattr(err, 'problem', err)}")], path) from err
+    return parse_config(data, base_dir=path.resolve().parent, source=path)
+
+
+def json_schema() -> dict[str, Any]:
+    """Return a JSON Schema of the config file, for editor completion and validation."""
+    schema = ConfigFile.model_json_schema()
+    schema["title"] = "whisperd configuration"
+    return schema

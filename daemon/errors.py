@@ -1,0 +1,114 @@
+"""The exception tree. The worker decides retry or fail by an exception's type, never its message.
+
+WhisperdError
+├── ConfigError          the configuration is invalid: every problem, each with its location
+├── ToolError            an external program (ffmpeg, ffprobe) failed: argv, exit code, stderr tail
+│   └── ToolTimeout      … or ran past its wall-clock limit
+├── JobError             one file could not be processed; carries what an operator needs
+│   ├── MediaError       permanent: not media, no audio, refused input. Retrying cannot help.
+│   └── TransientError   worth another attempt later: disk full, timeout, GPU out of memory
+└── ModelError           a model cannot be found or loaded
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class WhisperdError(Exception):
+    """Base of every error whisperd raises on purpose."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One mistake in a config file: where (`folders[1].rules[0].task`) and what."""
+
+    location: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}" if self.location else self.message
+
+
+class ConfigError(WhisperdError):
+    """The configuration is invalid; `problems` lists every mistake found, not just the first."""
+
+    def __init__(self, problems: Sequence[ConfigProblem], source: str | Path | None = None) -> None:
+        self.problems = tuple(problems)
+        self.source = str(source) if source is not None else None
+        where = f" in {self.source}" if self.source else ""
+        lines = [f"{len(self.problems)} problem(s){where}:"]
+        lines += [f"  {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class ToolError(WhisperdError):
+    """An external program failed. Keeps the argv and the last lines of its stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, stderr_tail: str) -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        last = stderr_tail.strip().splitlines()[-1] if stderr_tail.strip() else "no error output"
+        super().__init__(f"{self.argv[0]} exited with code {returncode}: {last}")
+
+    @property
+    def command(self) -> str:
+        """Return the command line as one string, for error files and logs."""
+        import shlex
+
+        return shlex.join(self.argv)
+
+
+class ToolTimeout(ToolError):
+    """An external program ran past its wall-clock limit and was killed with its process group."""
+
+    def __init__(self, argv: Sequence[str], timeout_s: float, stderr_tail: str) -> None:
+        super().__init__(argv, None, stderr_tail)
+        self.timeout_s = timeout_s
+        self.args = (f"{self.argv[0]} did not finish within {timeout_s:g} s and was killed",)
+
+
+class JobError(WhisperdError):
+    """Processing one file failed. Carries the file, the stage and, for tools, the command."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        path: Path | str | None = None,
+        stage: str | None = None,
+        command: str | None = None,
+        stderr_tail: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.path = Path(path) if path is not None else None
+        self.stage = stage
+        self.command = command
+        self.stderr_tail = stderr_tail
+        super().__init__(f"{self.path}: {reason}" if self.path else reason)
+
+    @classmethod
+    def from_tool(
+        cls, reason: str, err: ToolError, *, path: Path | str, stage: str
+    ) -> JobError:
+        """Return this error class wrapping a failed tool run, keeping its command and stderr."""
+        return cls(reason, path=path, stage=stage, command=err.command, stderr_tail=err.stderr_tail)
+
+
+class MediaError(JobError):
+    """Permanent: the file cannot be processed as it is (not media, no audio, refused input)."""
+
+
+class TransientError(JobError):
+    """Worth retrying later; `delay_s` overrides the backoff when the cause knows better."""
+
+    def __init__(self, reason: str, *, delay_s: float | None = None, **kwargs: object) -> None:
+        super().__init__(reason, **kwargs)  # type: ignore[arg-type]
+        self.delay_s = delay_s
+
+
+class ModelError(WhisperdError):
+    """A model cannot be found or loaded; the message lists what is available."""

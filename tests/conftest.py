@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny whisper checkpoint, real test media, and fast test configs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import media
+import pytest
+import structlog
+import yaml
+from make_test_checkpoint import make_checkpoint
+
+from daemon.config import Config, Rule, parse_config
+from daemon.models import ModelRegistry
+from daemon.pipeline.transcribe import WhisperEngine
+
+# A random-weight model rarely emits end-of-text: without these, whisper's temperature
+# fallback decodes every window up to six times (13.6 s instead of 0.5 s for a 4 s clip).
+FAST_DECODE: dict[str, Any] = {
+    "temperature": 0,
+    "beam_size": None,
+    "best_of": None,
+    "sample_len": 32,
+    "no_speech_threshold": None,
+    "logprob_threshold": None,
+    "compression_ratio_threshold": None,
+}
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Each test starts with structlog's defaults, whatever an earlier test configured."""
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight multilingual checkpoint in whisper's format (plumbing only)."""
+    return make_checkpoint(tmp_path_factory.mktemp("models") / "tiny-random.pt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def registry() -> ModelRegistry:
+    """One CPU model registry for the session, one torch thread (fastest for tiny models here)."""
+    return ModelRegistry(Path("/nonexistent-model-dir"), device="cpu", torch_threads=1)
+
+
+@pytest.fixture(scope="session")
+def engine(registry: ModelRegistry) -> WhisperEngine:
+    """The whisper engine over the session registry."""
+    return WhisperEngine(registry)
+
+
+@pytest.fixture
+def fast_rule(checkpoint: Path) -> Callable[..., Rule]:
+    """Return a factory of rules on the tiny checkpoint with fast decoding, plus overrides."""
+
+    def make(**overrides: Any) -> Rule:
+        return Rule.model_validate({"model": str(checkpoint), **FAST_DECODE, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def config_factory(tmp_path: Path, checkpoint: Path) -> Callable[..., Config]:
+    """Return a factory of validated configs with one folder 'media' under tmp_path."""
+
+    def make(folder: dict[str, Any] | None = None, **top: Any) -> Config:
+        data: dict[str, Any] = {
+            "state_dir": str(tmp_path / "state"),
+            "model_dir": str(tmp_path / "models"),
+            "device": "cpu",
+            "torch_threads": 1,
+            "defaults": {"model": str(checkpoint), **FAST_DECODE},
+            "folders": [{
+                "name": "media",
+                "inbox": str(tmp_path / "inbox"),
+                "outbox": str(tmp_path / "outbox"),
+                "archive": str(tmp_path / "archive"),
+                "failed": str(tmp_path / "failed"),
+                **(folder or {}),
+            }],
+        }  # fmt: skip
+        data.update(top)
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+        return parse_config(data, base_dir=tmp_path)
+
+    return make
+
+
+class MediaSet:
+    """Real media files made once per session with ffmpeg and espeak-ng."""
+
+    def __init__(self, root: Path) -> None:
+        speech = media.speech_wav(root / "speech.wav", "hello world, this is a test of whisper")
+        self.speech_wav = speech
+        self.speech_mp4 = media.video_with_audio(root / "speech.mp4", speech, language="eng")
+        self.speech_mkv = media.video_with_audio(root / "speech.mkv", speech)
+        self.speech_mp3 = media.audio_file(root / "speech.mp3", speech)
+        # Two tracks of different pitch, so a test can tell which one was decoded.
+        eng = media.tone_wav(root / "eng.wav", freq=440, seconds=2.0)
+        fra = media.tone_wav(root / "fra.wav", freq=880, seconds=2.0)
+        self.two_tracks = media.video_with_tracks(root / "two-tracks.mp4", [(eng, "eng"), (fra, "fra")])
+        self.delayed = media.video_with_delayed_audio(root / "delayed.mp4", speech, delay_s=2.0)
+        self.no_audio = media.video_without_audio(root / "no-audio.mp4")
+        self.not_media = media.text_as_media(root / "notes.mp4")
+        self.zero_byte = media.zero_byte(root / "empty.mp4")
+
+
+@pytest.fixture(scope="session")
+def media_set(tmp_path_factory: pytest.TempPathFactory) -> MediaSet:
+    """The session's test media (read-only by convention: copy before moving one)."""
+    return MediaSet(tmp_path_factory.mktemp("media"))

@@ -1,0 +1,212 @@
+"""Configuration: validation, error reporting with locations, and rule precedence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from daemon import cli
+from daemon.config import BUILTIN_IGNORES, json_schema, load_config, parse_config, parse_duration
+from daemon.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _folder(tmp_path: Path, name: str = "a", **extra: Any) -> dict[str, Any]:
+    base = tmp_path / name
+    return {
+        "name": name, "inbox": str(base / "in"), "outbox": str(base / "out"),
+        "archive": str(base / "archive"), "failed": str(base / "failed"), **extra,
+    }  # fmt: skip
+
+
+def _locations(err: ConfigError) -> set[str]:
+    return {p.location for p in err.problems}
+
+
+def test_example_config_validates(capsys: pytest.CaptureFixture[str]) -> None:
+    """config.example.yaml passes check-config, which prints each folder's resolved rules."""
+    assert cli.main(["check-config", str(ROOT / "config.example.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "folder lectures" in out and "folder camera" in out
+    assert "match 'french/*'" in out and "language=fr" in out
+
+
+def test_every_mistake_is_reported_with_its_location(tmp_path: Path) -> None:
+    """A config with several mistakes lists all of them, each at its location, in one error."""
+    data = {
+        "device": "gpu",
+        "log_levl": "info",
+        "defaults": {"model": "turbo", "temperature": 3},
+        "folders": [
+            _folder(tmp_path, "a", rules=[
+                {"match": "*.mp3", "task": "translate"},
+                {"match": "*.mkv", "output_name": "{stem}.txt"},
+            ]),
+            _folder(tmp_path, "b", watch="inotify", model="no-such-model"),
+            _folder(tmp_path, "a"),
+        ],
+    }  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert _locations(caught.value) >= {
+        "device",
+        "log_levl",
+        "defaults.temperature[0]",
+        "folders[0].rules[0]",  # translate with turbo
+        "folders[0].rules[1].output_name",
+        "folders[1].watch",
+        "folders[1].model",  # still checked although watch is wrong in the same folder
+        "folders[2].name",
+    }
+    text = str(caught.value)
+    assert "turbo model is not trained to translate" in text
+    assert "unknown model 'no-such-model'; available: tiny.en, tiny" in text
+
+
+def test_check_config_exits_nonzero_and_prints_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`whisperd check-config` on a broken file exits 2 and prints every problem."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"device": "gpu", "folders": [{"name": "x"}]}))
+    assert cli.main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "device:" in err and "folders[0].inbox: Field required" in err
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    """A YAML syntax error is a ConfigError that says where."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("folders:\n  - name: a\n   inbox: [\n")
+    with pytest.raises(ConfigError, match=r"line \d+, column \d+"):
+        load_config(path)
+
+
+def test_rule_precedence(tmp_path: Path, checkpoint: Path) -> None:
+    """The first matching rule beats the folder's settings, which beat defaults."""
+    data = {
+        "defaults": {"model": str(checkpoint), "language": "de", "task": "transcribe", "beam_size": 2},
+        "folders": [_folder(tmp_path, language="fr", output_formats=["srt"], rules=[
+            {"match": "talks/*", "language": "es"},
+            {"match": "*.MP3", "task": "translate"},
+            {"match": "talks/*", "language": "it"},  # never reached: the first match wins
+        ])],
+    }  # fmt: skip
+    config = parse_config(data)
+    plain = config.rule_for("a", "clip.mp4")
+    talk = config.rule_for("a", "talks/2024/keynote.mp4")
+    song = config.rule_for("a", "music/song.mp3")
+    assert (plain.language, plain.output_formats, plain.beam_size) == ("fr", ("srt",), 2)
+    assert (talk.language, talk.output_formats, talk.beam_size) == ("es", ("srt",), 2)
+    assert (song.task, song.language) == ("translate", "fr")
+
+
+def test_explicit_null_overrides_a_default(tmp_path: Path) -> None:
+    """`no_speech_threshold: null` on a folder turns the guard off; leaving it out keeps 0.6."""
+    data = {"folders": [_folder(tmp_path, "a", no_speech_threshold=None), _folder(tmp_path, "b")]}
+    config = parse_config(data)
+    assert config.rule_for("a", "x.mp4").no_speech_threshold is None
+    assert config.rule_for("b", "x.mp4").no_speech_threshold == 0.6
+
+
+def test_translate_with_turbo_is_refused_wherever_it_arises(tmp_path: Path) -> None:
+    """turbo from defaults plus translate on a folder is caught at that folder."""
+    data = {"defaults": {"model": "turbo"}, "folders": [_folder(tmp_path, task="translate")]}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert _locations(caught.value) == {"folders[0]"}
+
+
+@pytest.mark.parametrize("role", ["outbox", "archive", "failed"])
+def test_inbox_inside_an_output_folder_is_refused(tmp_path: Path, role: str) -> None:
+    """An inbox inside any folder's outbox, archive or failed folder would eat its own output."""
+    first = _folder(tmp_path, "a")
+    second = _folder(tmp_path, "b", inbox=str(Path(first[role]) / "sub"))
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"folders": [first, second]})
+    assert "folders[1].inbox" in _locations(caught.value)
+    assert role in str(caught.value)
+
+
+def test_output_folder_inside_a_recursive_inbox_is_refused(tmp_path: Path) -> None:
+    """An outbox inside a recursively watched inbox would feed outputs back in."""
+    folder = _folder(tmp_path, "a")
+    folder["outbox"] = str(Path(folder["inbox"]) / "done")
+    with pytest.raises(ConfigError, match=r"folders\[0\]\.outbox: lies inside the inbox"):
+        parse_config({"folders": [folder]})
+
+
+def test_two_folders_may_not_share_an_inbox(tmp_path: Path) -> None:
+    """Two folders watching one inbox would race for its files."""
+    first = _folder(tmp_path, "a")
+    second = _folder(tmp_path, "b", inbox=first["inbox"])
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"folders": [first, second]})
+    assert "folders[1].inbox" in _locations(caught.value)
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    """`inbox: in` in /etc/x/config.yaml means /etc/x/in, not the working directory's."""
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "state_dir": "state",
+        "folders": [{"name": "a", "inbox": "in", "outbox": "out", "failed": "failed", "archive": "~/arch"}],
+    }))  # fmt: skip
+    config = load_config(path)
+    folder = config.folders["a"]
+    assert folder.inbox == tmp_path / "conf" / "in"
+    assert config.settings.state_dir == tmp_path / "conf" / "state"
+    assert folder.archive == Path.home() / "arch"
+
+
+def test_language_accepts_codes_names_and_container_tags(tmp_path: Path) -> None:
+    """'French', 'fr' and 'fra' all mean whisper's 'fr'; nonsense is refused."""
+    for spelling in ("French", "fr", "fra", "FR"):
+        config = parse_config({"defaults": {"language": spelling}})
+        assert config.defaults.language == "fr"
+    with pytest.raises(ConfigError, match="unknown language 'klingon'"):
+        parse_config({"defaults": {"language": "klingon"}})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [(90, 90.0), ("90", 90.0), ("30s", 30.0), ("5m", 300.0), ("1h30m", 5400.0)]
+)
+def test_durations(text: object, seconds: float) -> None:
+    """Durations take seconds or h/m/s suffixes."""
+    assert parse_duration(text) == seconds
+
+
+def test_layout_options_need_word_timestamps(tmp_path: Path) -> None:
+    """max_line_width without word_timestamps is refused with a hint, as whisper needs words."""
+    with pytest.raises(ConfigError, match=r"max_line_width need.* word_timestamps: true"):
+        parse_config({"defaults": {"max_line_width": 42}})
+    assert parse_config({"defaults": {"max_line_width": 42, "word_timestamps": True}})
+
+
+def test_builtin_ignores_and_globs(tmp_path: Path) -> None:
+    """Partial downloads and OS droppings are ignored; include/exclude apply case-insensitively."""
+    config = parse_config({"folders": [_folder(tmp_path, include=["*.mp4", "*.mkv"], exclude=["drafts/*"])]})
+    folder = config.folders["a"]
+    assert folder.accepts("talk.MP4") and folder.accepts("sub/dir/talk.mkv")
+    for junk in ("talk.mp4.part", ".hidden.mp4", "._talk.mp4", "@eaDir/talk.mp4", "~$talk.mp4",
+                 "x.crdownload", "Thumbs.db", "#recycle/talk.mp4", "a/.stfolder/b.mp4"):
+        assert not folder.accepts(junk), junk
+    assert not folder.accepts("notes.txt")
+    assert not folder.accepts("drafts/talk.mp4")
+    assert ".DS_Store" in BUILTIN_IGNORES
+
+
+def test_config_schema_describes_folders_and_rules(capsys: pytest.CaptureFixture[str]) -> None:
+    """`whisperd config-schema` prints a JSON Schema that knows folder and rule fields."""
+    assert cli.main(["config-schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema == json_schema()
+    folder = schema["$defs"]["Folder"]["properties"]
+    assert {"inbox", "watch", "rules", "model", "task"} <= set(folder)
+    assert "description" in folder["stability_delay"]
