@@ -1,0 +1,71 @@
+"""Durable filesystem steps: atomic writes and moves that survive a crash at any instant."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries to disk, so a rename in it survives a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(target: Path) -> Path:
+    """Return a hidden temporary name beside target; watchers and users skip dotfiles."""
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write_text(target: Path, write: Callable[[TextIO], None]) -> None:
+    """Write a text file so that readers see either the old file or the whole new one."""
+    tmp = temp_name(target)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(target.parent)
+
+
+def free_name(target: Path) -> Path:
+    """Return target, or `name (1).ext`, `name (2).ext` … for the first name not taken."""
+    candidate, n = target, 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate = target.with_name(f"{target.stem} ({n}){target.suffix}")
+        n += 1
+    return candidate
+
+
+def durable_move(source: Path, target: Path) -> Path:
+    """Move a file and flush both directories; across filesystems copy, fsync, then unlink."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(source, target)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        tmp = temp_name(target)
+        shutil.copy2(source, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        source.unlink()
+    fsync_dir(target.parent)
+    fsync_dir(source.parent)
+    return target

@@ -1,0 +1,80 @@
+"""The pipeline for one file: probe → extract → transcribe → publish.
+
+Each stage is a module with typed inputs and outputs; this function only sequences them, times
+them and logs one event per stage. The CLI and the daemon's worker both call `process_file`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from daemon.config import Rule, Settings
+from daemon.pipeline.extract import Audio, extract
+from daemon.pipeline.probe import AudioStream, MediaInfo, probe, select_stream
+from daemon.pipeline.publish import publish
+from daemon.pipeline.transcribe import Progress, Transcript, WhisperEngine
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What processing one file produced."""
+
+    source: Path
+    media: MediaInfo
+    stream: AudioStream
+    transcript: Transcript
+    outputs: tuple[Path, ...]
+    timings: dict[str, float] = field(default_factory=dict)  # stage → seconds
+
+
+def process_file(
+    source: Path,
+    rule: Rule,
+    engine: WhisperEngine,
+    settings: Settings,
+    *,
+    target_dir: Path,
+    stem: str | None = None,
+    progress: Progress | None = None,
+) -> FileResult:
+    """Return the result of running the whole pipeline on one file; outputs go to target_dir.
+
+    Raises MediaError (permanent) or TransientError (retry later) with the stage filled in.
+    """
+    stem = stem if stem is not None else source.stem
+    timings: dict[str, float] = {}
+    bound = log.bind(file=str(source))
+
+    started = time.monotonic()
+    media = probe(source, timeout_s=settings.probe_timeout)
+    stream = select_stream(media, rule)
+    timings["probe"] = time.monotonic() - started
+    bound.debug("probed", stage="probe", format=media.format_name, duration_s=media.duration_s,
+                audio_streams=len(media.audio_streams), stream=stream.index, track_language=stream.language)
+
+    started = time.monotonic()
+    audio: Audio = extract(media, stream, timeout_s=settings.extract_timeout)
+    timings["extract"] = time.monotonic() - started
+    bound.debug("extracted", stage="extract", duration_s=round(timings["extract"], 3),
+                audio_s=round(audio.duration_s, 3), offset_s=audio.offset_s)
+
+    started = time.monotonic()
+    transcript = engine.transcribe(audio, rule, progress)
+    timings["transcribe"] = time.monotonic() - started
+    bound.info("transcribed", stage="transcribe", model=rule.model, task=rule.task,
+               language=transcript.language, segments=len(transcript.segments),
+               duration_s=round(timings["transcribe"], 3), audio_s=round(audio.duration_s, 3),
+               rtf=round(timings["transcribe"] / audio.duration_s, 4) if audio.duration_s else None)
+
+    started = time.monotonic()
+    outputs = publish(transcript, rule, target_dir, stem)
+    timings["publish"] = time.monotonic() - started
+    bound.debug("published", stage="publish", outputs=[str(p) for p in outputs],
+                duration_s=round(timings["publish"], 3))
+    return FileResult(source, media, stream, transcript, outputs, timings)

@@ -1,0 +1,191 @@
+"""Whisper on extracted audio with a Rule's options → a typed Transcript.
+
+The engine takes audio, not files, so a batched engine can later decode windows of several
+files at once behind the same `transcribe` call.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from daemon.config import Rule
+from daemon.errors import TransientError
+from daemon.languages import language_from_tag
+from daemon.models import ModelRegistry
+from daemon.pipeline.extract import Audio
+
+STAGE = "transcribe"
+
+Progress = Callable[[float], None]  # fraction of the audio done, 0.0 … 1.0; may raise to cancel
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word with its timing (present when word_timestamps is on)."""
+
+    start: float
+    end: float
+    word: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One decoded segment, times on the container's timeline."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: tuple[int, ...]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    words: tuple[Word, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """The result of transcribing (or translating) one audio stream."""
+
+    text: str
+    language: str  # the spoken language, detected or given (for translate too)
+    segments: tuple[Segment, ...]
+    task: str
+    model: str
+    audio_duration_s: float
+
+    def to_whisper_result(self) -> dict[str, Any]:
+        """Return whisper's own result dict, the shape its writers and its JSON output use."""
+        segments = []
+        for s in self.segments:
+            seg: dict[str, Any] = {
+                "id": s.id, "seek": s.seek, "start": s.start, "end": s.end, "text": s.text,
+                "tokens": list(s.tokens), "temperature": s.temperature,
+                "avg_logprob": s.avg_logprob, "compression_ratio": s.compression_ratio,
+                "no_speech_prob": s.no_speech_prob,
+            }  # fmt: skip
+            if s.words is not None:
+                seg["words"] = [
+                    {"word": w.word, "start": w.start, "end": w.end, "probability": w.probability}
+                    for w in s.words
+                ]
+            segments.append(seg)
+        return {"text": self.text, "segments": segments, "language": self.language}
+
+
+def _segment(raw: dict[str, Any], offset: float) -> Segment:
+    words = None
+    if "words" in raw:
+        words = tuple(
+            Word(start=round(w["start"] + offset, 3), end=round(w["end"] + offset, 3),
+                 word=w["word"], probability=float(w["probability"]))
+            for w in raw["words"]
+        )
+    return Segment(
+        id=int(raw["id"]), seek=int(raw["seek"]),
+        start=round(float(raw["start"]) + offset, 3), end=round(float(raw["end"]) + offset, 3),
+        text=str(raw["text"]), tokens=tuple(int(t) for t in raw["tokens"]),
+        temperature=float(raw["temperature"]), avg_logprob=float(raw["avg_logprob"]),
+        compression_ratio=float(raw["compression_ratio"]),
+        no_speech_prob=float(raw["no_speech_prob"]), words=words,
+    )  # fmt: skip
+
+
+def decode_options(rule: Rule, audio: Audio, *, fp16: bool) -> dict[str, Any]:
+    """Return the keyword arguments for whisper.transcribe that a rule asks for."""
+    if rule.language == "auto":
+        language = None
+    elif rule.language == "track":
+        language = language_from_tag(audio.stream.language)  # None: untagged, so detect
+    else:
+        language = rule.language
+    temperature = rule.temperature[0] if len(rule.temperature) == 1 else tuple(rule.temperature)
+    options: dict[str, Any] = {
+        "task": rule.task,
+        "language": language,
+        "temperature": temperature,
+        "compression_ratio_threshold": rule.compression_ratio_threshold,
+        "logprob_threshold": rule.logprob_threshold,
+        "no_speech_threshold": rule.no_speech_threshold,
+        "condition_on_previous_text": rule.condition_on_previous_text,
+        "initial_prompt": rule.initial_prompt,
+        "word_timestamps": rule.word_timestamps,
+        "hallucination_silence_threshold": rule.hallucination_silence_threshold,
+        "beam_size": rule.beam_size,
+        "best_of": rule.best_of,
+        "fp16": fp16,
+        "verbose": None,  # whisper prints nothing; progress comes through our callback
+    }
+    if rule.sample_len is not None:
+        options["sample_len"] = rule.sample_len
+    return options
+
+
+class _ProgressBar:
+    """Stands in for the tqdm bar inside whisper.transcribe and forwards frames done as a fraction."""
+
+    current: Progress | None = None
+
+    def __init__(self, total: int = 0, **_: Any) -> None:
+        self.total = max(int(total), 1)
+        self.done = 0
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        self.done += int(n)
+        if _ProgressBar.current is not None:
+            _ProgressBar.current(min(self.done / self.total, 1.0))
+
+
+class WhisperEngine:
+    """Runs whisper's transcribe on resident models, one call at a time."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        # One decode at a time: a GPU runs one model's work well, and the progress hook is global.
+        self._lock = threading.Lock()
+
+    def transcribe(self, audio: Audio, rule: Rule, progress: Progress | None = None) -> Transcript:
+        """Return the transcript of the audio under the rule; GPU out-of-memory is transient."""
+        import torch
+        import whisper
+
+        model = self.registry.get(rule.model)
+        options = decode_options(rule, audio, fp16=self.registry.fp16)
+        module = sys.modules["whisper.transcribe"]  # the module, not the function of that name
+        with self._lock:
+            saved = module.tqdm
+            module.tqdm = SimpleNamespace(tqdm=_ProgressBar)  # type: ignore[attr-defined]
+            _ProgressBar.current = progress
+            try:
+                result = whisper.transcribe(model, audio.samples, **options)
+            except torch.cuda.OutOfMemoryError as err:
+                torch.cuda.empty_cache()
+                raise TransientError(f"GPU out of memory: {err}", stage=STAGE) from err
+            finally:
+                module.tqdm = saved  # type: ignore[attr-defined]
+                _ProgressBar.current = None
+        if progress is not None:
+            progress(1.0)
+        segments = tuple(_segment(raw, audio.offset_s) for raw in result["segments"])
+        return Transcript(
+            text=str(result["text"]).strip(),
+            language=str(result["language"]),
+            segments=segments,
+            task=rule.task,
+            model=rule.model,
+            audio_duration_s=audio.duration_s,
+        )
