@@ -1,0 +1,61 @@
+# whisperd developer and demo commands. On a fresh Debian/Ubuntu machine:
+#   make run    set everything up, then run whisperd on ./demo (drop files into demo/inbox)
+#   make test   set everything up, then run the test suite
+# GPU servers choose their torch build:  make run TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://…/cu128
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+DEMO_CONFIG ?= demo/config.yaml
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+RUN_PACKAGES  := ffmpeg python3-venv
+TEST_PACKAGES := $(RUN_PACKAGES) espeak-ng sox
+
+.PHONY: setup setup-test run test lint clean
+
+# torch goes in first, from one variable: installed as a dependency of whisper, an unpinned
+# torch would pull several GB of CUDA wheels onto a CPU-only machine.
+$(BIN)/.torch: | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	touch $@
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(BIN)/.installed: pyproject.toml $(BIN)/.torch
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed-test: pyproject.toml $(BIN)/.torch
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(BIN)/.installed
+
+setup:
+	bash tools/system-deps.sh $(RUN_PACKAGES)
+	$(MAKE) --no-print-directory $(BIN)/.installed
+
+setup-test:
+	bash tools/system-deps.sh $(TEST_PACKAGES)
+	$(MAKE) --no-print-directory $(BIN)/.installed-test
+
+demo/config.yaml:
+	mkdir -p demo/inbox demo/outbox demo/archive demo/failed
+	cp tools/demo-config.yaml $@
+
+run: setup $(DEMO_CONFIG)
+	$(BIN)/whisperd check-config $(DEMO_CONFIG)
+	$(BIN)/whisperd transcribe --config $(DEMO_CONFIG) --folder demo --output-dir demo/outbox $$(find demo/inbox -maxdepth 1 -type f ! -name '.*')
+
+test: setup-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup-test
+	$(BIN)/ruff check daemon tests tools
+	$(BIN)/mypy daemon
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

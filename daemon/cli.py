@@ -1,0 +1,223 @@
+"""The `whisperd` command: subcommands only parse arguments and wire objects together."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon import __version__
+from daemon.config import (
+    OUTPUT_FORMATS,
+    RULE_FIELDS,
+    Config,
+    Rule,
+    json_schema,
+    load_config,
+    parse_config,
+)
+from daemon.errors import ConfigError, JobError, ModelError
+from daemon.models import ModelRegistry, is_checkpoint_path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _user_model_dir() -> Path:
+    # Without a config file, share whisper's own cache so models its CLI fetched are reused.
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "whisper"
+
+
+def _optional_float(value: str) -> float | None:
+    return None if value.lower() in ("none", "null") else float(value)
+
+
+def _optional_int(value: str) -> int | None:
+    return None if value.lower() in ("none", "null") else int(value)
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, not {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="whisperd",
+        description="Watch folders and turn recordings into transcripts and subtitles with Whisper.",
+    )
+    parser.add_argument("--version", action="version", version=f"whisperd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("transcribe", help="transcribe or translate files named on the command line")
+    t.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    t.add_argument("--config", "-c", type=Path, help="take settings and defaults from this config file")
+    t.add_argument("--folder", help="use this configured folder's rules (needs --config)")
+    # Rule options: absent unless given (SUPPRESS), so only what the user typed overrides the
+    # config's defaults; each dest is the rule field's name.
+    rule = t.add_argument_group("rule options (override the config's defaults)")
+    opt: dict[str, Any] = {"default": argparse.SUPPRESS}
+    rule.add_argument("--model", **opt, help="model name or .pt checkpoint path")
+    rule.add_argument("--task", **opt, choices=["transcribe", "translate"])
+    rule.add_argument("--language", **opt, help="auto, or a code or name such as fr or French")
+    rule.add_argument("--output-format", "--output_format", "-f", dest="output_formats", nargs="+",
+                      choices=[*OUTPUT_FORMATS, "all"], **opt, help="formats to write (default: all)")
+    rule.add_argument("--word-timestamps", "--word_timestamps", type=_bool, metavar="BOOL", **opt)
+    rule.add_argument("--max-line-width", "--max_line_width", type=int, **opt)
+    rule.add_argument("--max-line-count", "--max_line_count", type=int, **opt)
+    rule.add_argument("--max-words-per-line", "--max_words_per_line", type=int, **opt)
+    rule.add_argument("--highlight-words", "--highlight_words", type=_bool, metavar="BOOL", **opt)
+    rule.add_argument("--initial-prompt", "--initial_prompt", **opt)
+    rule.add_argument("--temperature", type=float, **opt)
+    rule.add_argument("--beam-size", "--beam_size", type=_optional_int, **opt)
+    rule.add_argument("--no-speech-threshold", "--no_speech_threshold", type=_optional_float, **opt)
+    t.add_argument("--model-dir", "--model_dir", type=Path, help="where named models download")
+    t.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--output-dir", "--output_dir", "-o", type=Path, default=Path("."),
+                   help="directory for the outputs (default: the current directory)")
+    t.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
+    t.add_argument("--log-format", choices=["auto", "json", "console"])
+
+    c = sub.add_parser("check-config", help="validate a config file and print each folder's resolved rules")
+    c.add_argument("config", type=Path, metavar="FILE")
+
+    sub.add_parser("config-schema", help="print the config file's JSON Schema (for editors)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the whisperd command line; return the process exit code."""
+    args = build_parser().parse_args(argv)
+    handler = {
+        "transcribe": cmd_transcribe,
+        "check-config": cmd_check_config,
+        "config-schema": cmd_config_schema,
+    }[args.command]
+    try:
+        return handler(args)
+    except ConfigError as err:
+        print(f"whisperd: invalid configuration: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of the config file."""
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a config file; print every folder's resolved rules, or every problem."""
+    config = load_config(args.config)
+    print(f"{args.config}: OK, {len(config.folders)} folder(s)")
+    for name, folder in config.folders.items():
+        base, entries = config.folder_rules(name)
+        print(f"\nfolder {name}: {folder.inbox} → {folder.outbox} (watch: {folder.watch})")
+        print(f"  own rule: {_rule_summary(base)}")
+        for entry, rule in entries:
+            print(f"  match {entry.match!r}: {_rule_summary(rule)}")
+    return EXIT_OK
+
+
+def _rule_summary(rule: Rule) -> str:
+    keys = ("model", "task", "language", "audio_track", "output_formats", "output_name", "on_success")
+    return ", ".join(f"{k}={_show(getattr(rule, k))}" for k in keys)
+
+
+def _show(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {name: getattr(args, name) for name in RULE_FIELDS if hasattr(args, name)}
+    model = overrides.get("model")
+    if isinstance(model, str) and is_checkpoint_path(model):
+        overrides["model"] = str(Path(model).expanduser().resolve())
+    return overrides
+
+
+def _cli_config(args: argparse.Namespace) -> Config:
+    if args.config:
+        return load_config(args.config)
+    return parse_config({"model_dir": str(_user_model_dir())})
+
+
+def cmd_transcribe(args: argparse.Namespace, registry: ModelRegistry | None = None) -> int:
+    """Transcribe files named on the command line, loading each model once for all of them."""
+    from daemon import log
+    from daemon.pipeline import process_file
+    from daemon.pipeline.transcribe import WhisperEngine
+
+    config = _cli_config(args)
+    settings = config.settings
+    if args.folder and args.folder not in config.folders:
+        print(f"whisperd: no folder named {args.folder!r} in the config", file=sys.stderr)
+        return EXIT_USAGE
+    log.configure(args.log_format or settings.log_format, settings.log_level)
+    logger = structlog.get_logger("whisperd.transcribe")
+
+    overrides = _cli_overrides(args)
+    registry = registry or ModelRegistry(
+        args.model_dir or settings.model_dir,
+        args.device or settings.device,
+        args.threads if args.threads is not None else settings.torch_threads,
+    )
+    engine = WhisperEngine(registry)
+    failures = 0
+    for source in args.files:
+        base = config.rule_for(args.folder, source.name) if args.folder else config.defaults
+        try:
+            rule = Rule.model_validate({**base.model_dump(), **overrides})
+        except ValueError as err:
+            print(f"whisperd: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        if rule.problems():
+            print("whisperd: " + "; ".join(rule.problems()), file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            with _progress_bar(source) as progress:
+                result = process_file(source, rule, engine, settings,
+                                      target_dir=args.output_dir, progress=progress)
+        except (JobError, ModelError, FileNotFoundError) as err:
+            failures += 1
+            logger.error("file_failed", file=str(source), error=str(err),
+                         stage=getattr(err, "stage", None))
+            print(f"whisperd: {source}: {getattr(err, 'reason', err)}", file=sys.stderr)
+            continue
+        for path in result.outputs:
+            print(path)
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+class _progress_bar:
+    """A tqdm bar on a terminal (percent of audio done), nothing otherwise."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, desc=self.source.name, unit="%", leave=True)
+
+        def update(fraction: float) -> None:
+            self.bar.update(round(fraction * 100) - self.bar.n)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
