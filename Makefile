@@ -48,7 +48,7 @@ demo/config.yaml:
 
 run: setup $(DEMO_CONFIG)
 	$(BIN)/whisperd check-config $(DEMO_CONFIG)
-	$(BIN)/whisperd transcribe --config $(DEMO_CONFIG) --folder demo --output-dir demo/outbox $$(find demo/inbox -maxdepth 1 -type f ! -name '.*')
+	$(BIN)/whisperd run --config $(DEMO_CONFIG)
 
 test: setup-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"whisperd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    r = sub.add_parser("run", help="run the daemon: watch the configured folders and process what arrives")
+    r.add_argument("--config", "-c", type=Path, required=True, help="the config file (e.g. /etc/whisperd/config.yaml)")
+
     t = sub.add_parser("transcribe", help="transcribe or translate files named on the command line")
     t.add_argument("files", nargs="+", type=Path, metavar="FILE")
     t.add_argument("--config", "-c", type=Path, help="take settings and defaults from this config file")
@@ -99,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the whisperd command line; return the process exit code."""
     args = build_parser().parse_args(argv)
     handler = {
+        "run": cmd_run,
         "transcribe": cmd_transcribe,
         "check-config": cmd_check_config,
         "config-schema": cmd_config_schema,
@@ -108,6 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"whisperd: invalid configuration: {err}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config)."""
+    from daemon.service import Service
+
+    return Service(args.config).run()
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:

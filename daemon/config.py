@@ -229,6 +229,7 @@ class Folder(_RuleOverrides):  # type: ignore[misc,valid-type]
     include: tuple[str, ...] = Field(("*",), description="globs a file must match (relative path, case-insensitive)")
     exclude: tuple[str, ...] = Field((), description="globs that skip a file, on top of the built-in ignores (dotfiles, *.part, …)")
     recursive: bool = Field(True, description="watch subfolders too")
+    processing: Optional[ConfigPath] = Field(None, description="where originals wait while being processed; must be on the inbox's filesystem (default: <inbox>/.whisperd/processing)")
     priority: int = Field(0, description="higher runs first when several folders have work waiting")
     rules: tuple[RuleEntry, ...] = Field((), description="first matching entry's settings win over the folder's, which win over defaults")
 
@@ -236,11 +237,16 @@ class Folder(_RuleOverrides):  # type: ignore[misc,valid-type]
         """Return the rule fields this folder sets itself."""
         return {k: getattr(self, k) for k in self.model_fields_set if k in RULE_FIELDS}
 
+    @staticmethod
+    def builtin_ignored(relative_path: str) -> bool:
+        """Return True when any component is a partial or junk name (dotfiles, *.part, @eaDir …)."""
+        parts = PurePosixPath(relative_path).parts
+        return any(fnmatch.fnmatchcase(part, pat) for part in parts for pat in BUILTIN_IGNORES)
+
     def accepts(self, relative_path: str) -> bool:
         """Return True when the inbox-relative path passes the built-in ignores, include and exclude."""
-        parts = PurePosixPath(relative_path).parts
         lowered = relative_path.lower()
-        if any(fnmatch.fnmatchcase(part, pat) for part in parts for pat in BUILTIN_IGNORES):
+        if self.builtin_ignored(relative_path):
             return False
         if not any(fnmatch.fnmatchcase(lowered, pat.lower()) for pat in self.include):
             return False
@@ -263,6 +269,8 @@ class Settings(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     probe_timeout: Seconds = Field(60.0, description="wall-clock limit for ffprobe")
     extract_timeout: Seconds = Field(3600.0, description="wall-clock limit for ffmpeg's audio extraction")
+    rescan_interval: Seconds = Field(300.0, gt=0, description="every inbox is rescanned this often, whatever the watch mode: watchers miss files")
+    shutdown_grace: Seconds = Field(30.0, description="on SIGTERM, how long the current job may run on before it is handed back to the queue")
 
 
 class ConfigFile(Settings):

@@ -7,7 +7,8 @@ WhisperdError
 ├── JobError             one file could not be processed; carries what an operator needs
 │   ├── MediaError       permanent: not media, no audio, refused input. Retrying cannot help.
 │   └── TransientError   worth another attempt later: disk full, timeout, GPU out of memory
-└── ModelError           a model cannot be found or loaded
+├── ModelError           a model cannot be found or loaded
+└── JobCancelled         control flow: the running job was asked to stop (shutdown); requeue it
 """
 
 from __future__ import annotations
@@ -112,3 +113,7 @@ class TransientError(JobError):
 
 class ModelError(WhisperdError):
     """A model cannot be found or loaded; the message lists what is available."""
+
+
+class JobCancelled(WhisperdError):
+    """The running job was asked to stop (shutdown): it goes back to the queue, no attempt counted."""

@@ -9,12 +9,15 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from daemon.errors import ToolError, ToolTimeout
+from daemon.errors import JobCancelled, ToolError, ToolTimeout
 
 STDERR_TAIL_LINES = 20
+CANCEL_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,11 @@ def tail(text: bytes, lines: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(decoded.splitlines()[-lines:])
 
 
-def run(argv: Sequence[str], *, timeout_s: float) -> Completed:
-    """Return the output of argv run to completion; raise ToolError or ToolTimeout.
+def run(argv: Sequence[str], *, timeout_s: float, cancel: threading.Event | None = None) -> Completed:
+    """Return the output of argv run to completion; raise ToolError, ToolTimeout or JobCancelled.
 
     The child gets its own process group so a timeout kills everything it started, and no
-    stdin so it can never wait for a terminal.
+    stdin so it can never wait for a terminal. Setting `cancel` kills it within half a second.
     """
     argv = tuple(argv)
     try:
@@ -49,12 +52,23 @@ def run(argv: Sequence[str], *, timeout_s: float) -> Completed:
         )
     except FileNotFoundError as err:
         raise ToolError(argv, None, f"{argv[0]}: program not found; is it installed?") from err
+    deadline = time.monotonic() + timeout_s
     try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        _, stderr = proc.communicate()
-        raise ToolTimeout(argv, timeout_s, tail(stderr)) from None
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                # Retrying communicate() after a timeout loses no output (documented).
+                stdout, stderr = proc.communicate(timeout=max(min(remaining, CANCEL_POLL_S), 0))
+                break
+            except subprocess.TimeoutExpired:
+                if cancel is not None and cancel.is_set():
+                    raise JobCancelled(f"{argv[0]} stopped: the job was cancelled") from None
+                if time.monotonic() >= deadline:
+                    _kill_group(proc)
+                    _, stderr = proc.communicate()
+                    raise ToolTimeout(argv, timeout_s, tail(stderr)) from None
+    except ToolTimeout:
+        raise
     except BaseException:
         # Interrupted (a cancelled job, a second SIGTERM): never leave an orphan decoder running.
         _kill_group(proc)

@@ -6,6 +6,7 @@ them and logs one event per stage. The CLI and the daemon's worker both call `pr
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import structlog
 
 from daemon.config import Rule, Settings
+from daemon.errors import JobCancelled, JobError
 from daemon.pipeline.extract import Audio, extract
 from daemon.pipeline.probe import AudioStream, MediaInfo, probe, select_stream
 from daemon.pipeline.publish import publish
@@ -33,6 +35,20 @@ class FileResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage → seconds
 
 
+def _cancellable(progress: Progress | None, cancel: threading.Event | None) -> Progress | None:
+    """Return a progress callback that also stops whisper between windows once cancel is set."""
+    if cancel is None:
+        return progress
+
+    def report(fraction: float) -> None:
+        if cancel.is_set():
+            raise JobCancelled("transcription stopped: the job was cancelled")
+        if progress is not None:
+            progress(fraction)
+
+    return report
+
+
 def process_file(
     source: Path,
     rule: Rule,
@@ -42,30 +58,50 @@ def process_file(
     target_dir: Path,
     stem: str | None = None,
     progress: Progress | None = None,
+    cancel: threading.Event | None = None,
 ) -> FileResult:
     """Return the result of running the whole pipeline on one file; outputs go to target_dir.
 
-    Raises MediaError (permanent) or TransientError (retry later) with the stage filled in.
+    Raises MediaError (permanent) or TransientError (retry later) with the stage filled in, and
+    JobCancelled when `cancel` is set (tools are killed; the progress callback checks it too).
     """
+    try:
+        return _run_stages(source, rule, engine, settings, target_dir, stem, progress, cancel)
+    except JobError as err:
+        if err.path is None:
+            err.path = source  # stages deeper down (publish, transcribe) do not know the file
+        raise
+
+
+def _run_stages(
+    source: Path,
+    rule: Rule,
+    engine: WhisperEngine,
+    settings: Settings,
+    target_dir: Path,
+    stem: str | None,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+) -> FileResult:
     stem = stem if stem is not None else source.stem
     timings: dict[str, float] = {}
     bound = log.bind(file=str(source))
 
     started = time.monotonic()
-    media = probe(source, timeout_s=settings.probe_timeout)
+    media = probe(source, timeout_s=settings.probe_timeout, cancel=cancel)
     stream = select_stream(media, rule)
     timings["probe"] = time.monotonic() - started
     bound.debug("probed", stage="probe", format=media.format_name, duration_s=media.duration_s,
                 audio_streams=len(media.audio_streams), stream=stream.index, track_language=stream.language)
 
     started = time.monotonic()
-    audio: Audio = extract(media, stream, timeout_s=settings.extract_timeout)
+    audio: Audio = extract(media, stream, timeout_s=settings.extract_timeout, cancel=cancel)
     timings["extract"] = time.monotonic() - started
     bound.debug("extracted", stage="extract", duration_s=round(timings["extract"], 3),
                 audio_s=round(audio.duration_s, 3), offset_s=audio.offset_s)
 
     started = time.monotonic()
-    transcript = engine.transcribe(audio, rule, progress)
+    transcript = engine.transcribe(audio, rule, _cancellable(progress, cancel))
     timings["transcribe"] = time.monotonic() - started
     bound.info("transcribed", stage="transcribe", model=rule.model, task=rule.task,
                language=transcript.language, segments=len(transcript.segments),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +44,13 @@ def extract_argv(path: Path, stream: AudioStream) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-def extract(info: MediaInfo, stream: AudioStream, *, timeout_s: float = 3600.0) -> Audio:
+def extract(
+    info: MediaInfo, stream: AudioStream, *, timeout_s: float = 3600.0, cancel: threading.Event | None = None
+) -> Audio:
     """Return the stream's audio; raise MediaError when ffmpeg cannot decode it."""
     argv = extract_argv(info.path, stream)
     try:
-        result = proc.run(argv, timeout_s=timeout_s)
+        result = proc.run(argv, timeout_s=timeout_s, cancel=cancel)
     except ToolTimeout as err:
         raise TransientError.from_tool(str(err), err, path=info.path, stage=STAGE) from err
     except ToolError as err:

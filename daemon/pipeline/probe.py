@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def parse_probe(path: Path, data: dict) -> MediaInfo:  # type: ignore[type-arg]
     return info
 
 
-def probe(path: Path, *, timeout_s: float = 60.0) -> MediaInfo:
+def probe(path: Path, *, timeout_s: float = 60.0, cancel: threading.Event | None = None) -> MediaInfo:
     """Return the media facts of a file; raise MediaError when it is empty, unreadable or silent."""
     try:
         size = path.stat().st_size
@@ -100,7 +101,7 @@ def probe(path: Path, *, timeout_s: float = 60.0) -> MediaInfo:
         raise MediaError("the file is empty (0 bytes)", path=path, stage=STAGE)
     argv = probe_argv(path)
     try:
-        result = proc.run(argv, timeout_s=timeout_s)
+        result = proc.run(argv, timeout_s=timeout_s, cancel=cancel)
     except ToolTimeout as err:
         raise TransientError.from_tool(str(err), err, path=path, stage=STAGE) from err
     except ToolError as err:

@@ -1,0 +1,147 @@
+"""The journal: the single source of truth about every file whisperd has seen.
+
+One row per job. A job is one arrival of one file: its identity is (folder, relative path, size,
+mtime), and enqueueing is idempotent on it while the job is active. The interface is small so a
+PostgreSQL journal for several hosts can stand beside the SQLite one.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+class JobState(str, enum.Enum):
+    """Where a job stands. Active states hold the file's identity; the others are history."""
+
+    QUEUED = "queued"  # waiting for a worker
+    RUNNING = "running"  # claimed by a worker (the original sits in the processing area)
+    RETRY_WAIT = "retry_wait"  # failed transiently; due again at next_attempt_at
+    DONE = "done"  # outputs published, original disposed of
+    FAILED = "failed"  # original moved to the failed folder with an error file
+
+    @classmethod
+    def active(cls) -> tuple[JobState, ...]:
+        """Return the states in which a job still owns its file."""
+        return (cls.QUEUED, cls.RUNNING, cls.RETRY_WAIT)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What makes two sightings of a file the same arrival."""
+
+    folder: str
+    rel_path: str  # posix path relative to the folder's inbox
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the journal."""
+
+    id: int
+    folder: str
+    rel_path: str
+    size: int
+    mtime_ns: int
+    state: JobState
+    priority: int
+    attempts: int  # failed attempts so far
+    next_attempt_at: float
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_error: str | None = None
+    last_stage: str | None = None
+    processing_path: str | None = None  # where the original lies while the job owns it
+    published_at: float | None = None  # outputs are durable; only disposal of the original is left
+    outputs: tuple[str, ...] = ()
+    disposed_path: str | None = None  # archive or failed location of the original
+    progress: float | None = None
+    owner: str | None = None  # host:pid of the worker that claimed it
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> FileIdentity:
+        """Return the identity this job was enqueued under."""
+        return FileIdentity(self.folder, self.rel_path, self.size, self.mtime_ns)
+
+    @property
+    def processing(self) -> Path | None:
+        """Return the processing-area path as a Path, if one was assigned."""
+        return Path(self.processing_path) if self.processing_path else None
+
+
+class Journal(Protocol):
+    """What the daemon needs from a job store."""
+
+    def enqueue(self, identity: FileIdentity, *, priority: int, now: float, skip_if_done: bool) -> Job | None:
+        """Return a new queued job, or None when this identity is active (or done, if asked)."""
+        ...
+
+    def claim(self, folders: Collection[str], *, now: float, owner: str) -> Job | None:
+        """Return the next due job of these folders, now RUNNING and owned by owner, or None."""
+        ...
+
+    def get(self, job_id: int) -> Job | None:
+        """Return one job by id."""
+        ...
+
+    def jobs(self, states: Collection[JobState] | None = None) -> list[Job]:
+        """Return jobs, optionally only those in the given states, oldest first."""
+        ...
+
+    def set_processing(self, job_id: int, path: Path, *, now: float) -> None:
+        """Record where the original will be moved while the job owns it."""
+        ...
+
+    def set_progress(self, job_id: int, fraction: float, *, now: float) -> None:
+        """Record how far a running job is."""
+        ...
+
+    def mark_published(self, job_id: int, outputs: Sequence[Path], timings: dict[str, float], *, now: float) -> None:
+        """Record that outputs are durable; only the original's disposal is left."""
+        ...
+
+    def mark_done(self, job_id: int, disposed_path: Path | None, *, now: float) -> None:
+        """Finish a job successfully."""
+        ...
+
+    def mark_retry(self, job_id: int, error: str, stage: str | None, *, now: float, due: float) -> None:
+        """Count a failed attempt and make the job due again at `due`."""
+        ...
+
+    def mark_failed(
+        self, job_id: int, error: str, stage: str | None, disposed_path: Path | None, *, now: float
+    ) -> None:
+        """Count a failed attempt and end the job as failed."""
+        ...
+
+    def requeue(self, job_id: int, *, now: float) -> None:
+        """Return a running job to the queue without counting an attempt (shutdown, crash)."""
+        ...
+
+    def drop(self, job_id: int) -> None:
+        """Forget a job whose file vanished or changed before it was taken."""
+        ...
+
+    def set_disposal(self, job_id: int, path: Path, *, now: float) -> None:
+        """Record where the original is about to go (archive, failed, back to the inbox)."""
+        ...
+
+    def recover(self, is_dead: Callable[[str | None], bool], *, now: float) -> list[Job]:
+        """Return jobs left RUNNING by workers that are gone, now queued again."""
+        ...
+
+    def next_due_at(self, folders: Collection[str]) -> float | None:
+        """Return when the earliest waiting job of these folders is due, or None."""
+        ...
+
+    def close(self) -> None:
+        """Release the store."""
+        ...

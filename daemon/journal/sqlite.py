@@ -1,0 +1,259 @@
+"""The SQLite journal: WAL mode on local disk, immediate transactions for claims, versioned schema.
+
+Several processes may share one file (one whisperd instance per GPU): every write runs in a
+`BEGIN IMMEDIATE` transaction, so two workers can never claim the same job.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from daemon.journal import FileIdentity, Job, JobState
+
+# Each entry migrates the schema from version i to i + 1; never edit a released entry.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        folder TEXT NOT NULL,
+        rel_path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        last_error TEXT,
+        last_stage TEXT,
+        processing_path TEXT,
+        published_at REAL,
+        outputs TEXT NOT NULL DEFAULT '[]',
+        disposed_path TEXT,
+        progress REAL,
+        owner TEXT,
+        timings TEXT NOT NULL DEFAULT '{}'
+    );
+    -- Idempotent enqueue: one active job per file identity, however often it is seen.
+    CREATE UNIQUE INDEX jobs_active_identity ON jobs (folder, rel_path, size, mtime_ns)
+        WHERE state IN ('queued', 'running', 'retry_wait');
+    CREATE INDEX jobs_due ON jobs (state, next_attempt_at);
+    CREATE INDEX jobs_identity ON jobs (folder, rel_path, size, mtime_ns);
+    """,
+)
+
+ACTIVE = tuple(s.value for s in JobState.active())
+
+
+class SqliteJournal:
+    """The job store in one SQLite file; safe to use from several threads and processes."""
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")  # a finished job must survive a power cut
+        self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        self._migrate()
+
+    @property
+    def schema_version(self) -> int:
+        """Return the schema version of the open file."""
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self._write():
+            version = self.schema_version
+            if version > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"{self.path} has journal schema {version}, newer than this whisperd knows "
+                    f"({len(MIGRATIONS)}); upgrade whisperd"
+                )
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version={number}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front: no two processes interleave a read-then-claim.
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> Job:
+        data = dict(row)
+        data["state"] = JobState(data["state"])
+        data["outputs"] = tuple(json.loads(data["outputs"] or "[]"))
+        data["timings"] = json.loads(data["timings"] or "{}")
+        return Job(**data)
+
+    def enqueue(self, identity: FileIdentity, *, priority: int, now: float, skip_if_done: bool) -> Job | None:
+        """Return a new queued job, or None when this identity is active (or done, if asked)."""
+        with self._write() as db:
+            states = ACTIVE + (("done",) if skip_if_done else ())
+            marks = ",".join("?" * len(states))
+            known = db.execute(
+                f"SELECT 1 FROM jobs WHERE folder=? AND rel_path=? AND size=? AND mtime_ns=? "
+                f"AND state IN ({marks}) LIMIT 1",
+                (identity.folder, identity.rel_path, identity.size, identity.mtime_ns, *states),
+            ).fetchone()
+            if known:
+                return None
+            cursor = db.execute(
+                "INSERT INTO jobs (folder, rel_path, size, mtime_ns, state, priority, next_attempt_at,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (identity.folder, identity.rel_path, identity.size, identity.mtime_ns, priority, now, now, now),
+            )
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (cursor.lastrowid,)).fetchone()
+        return self._job(row)
+
+    def claim(self, folders: Collection[str], *, now: float, owner: str) -> Job | None:
+        """Return the next due job of these folders, now RUNNING and owned by owner, or None."""
+        if not folders:
+            return None
+        marks = ",".join("?" * len(folders))
+        with self._write() as db:
+            row = db.execute(
+                f"SELECT id FROM jobs WHERE state IN ('queued', 'retry_wait') AND next_attempt_at <= ?"
+                f" AND folder IN ({marks}) ORDER BY priority DESC, created_at, id LIMIT 1",
+                (now, *folders),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state='running', owner=?, started_at=?, updated_at=?, progress=0"
+                " WHERE id=?",
+                (owner, now, now, row["id"]),
+            )
+            claimed = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+        return self._job(claimed)
+
+    def get(self, job_id: int) -> Job | None:
+        """Return one job by id."""
+        rows = self._read("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return self._job(rows[0]) if rows else None
+
+    def jobs(self, states: Collection[JobState] | None = None) -> list[Job]:
+        """Return jobs, optionally only those in the given states, oldest first."""
+        if states is None:
+            rows = self._read("SELECT * FROM jobs ORDER BY id")
+        else:
+            values = [JobState(s).value for s in states]
+            marks = ",".join("?" * len(values))
+            rows = self._read(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", values)
+        return [self._job(r) for r in rows]
+
+    def _update(self, job_id: int, sql: str, params: Sequence[Any]) -> None:
+        with self._write() as db:
+            db.execute(f"UPDATE jobs SET {sql} WHERE id=?", (*params, job_id))
+
+    def set_processing(self, job_id: int, path: Path, *, now: float) -> None:
+        """Record where the original will be moved while the job owns it."""
+        self._update(job_id, "processing_path=?, updated_at=?", (str(path), now))
+
+    def set_progress(self, job_id: int, fraction: float, *, now: float) -> None:
+        """Record how far a running job is."""
+        self._update(job_id, "progress=?, updated_at=?", (fraction, now))
+
+    def mark_published(self, job_id: int, outputs: Sequence[Path], timings: dict[str, float], *, now: float) -> None:
+        """Record that outputs are durable; only the original's disposal is left."""
+        self._update(
+            job_id, "published_at=?, outputs=?, timings=?, progress=1, updated_at=?",
+            (now, json.dumps([str(p) for p in outputs]), json.dumps(timings), now),
+        )
+
+    def mark_done(self, job_id: int, disposed_path: Path | None, *, now: float) -> None:
+        """Finish a job successfully."""
+        self._update(
+            job_id, "state='done', disposed_path=?, finished_at=?, updated_at=?, last_error=NULL",
+            (str(disposed_path) if disposed_path else None, now, now),
+        )
+
+    def mark_retry(self, job_id: int, error: str, stage: str | None, *, now: float, due: float) -> None:
+        """Count a failed attempt and make the job due again at `due`."""
+        self._update(
+            job_id, "state='retry_wait', attempts=attempts+1, last_error=?, last_stage=?,"
+            " next_attempt_at=?, updated_at=?, progress=NULL",
+            (error, stage, due, now),
+        )
+
+    def mark_failed(
+        self, job_id: int, error: str, stage: str | None, disposed_path: Path | None, *, now: float
+    ) -> None:
+        """Count a failed attempt and end the job as failed."""
+        self._update(
+            job_id, "state='failed', attempts=attempts+1, last_error=?, last_stage=?, disposed_path=?,"
+            " finished_at=?, updated_at=?, progress=NULL",
+            (error, stage, str(disposed_path) if disposed_path else None, now, now),
+        )
+
+    def requeue(self, job_id: int, *, now: float) -> None:
+        """Return a running job to the queue without counting an attempt (shutdown, crash)."""
+        self._update(job_id, "state='queued', owner=NULL, progress=NULL, next_attempt_at=?, updated_at=?",
+                     (now, now))
+
+    def drop(self, job_id: int) -> None:
+        """Forget a job whose file vanished or changed before it was taken."""
+        with self._write() as db:
+            db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    def set_disposal(self, job_id: int, path: Path, *, now: float) -> None:
+        """Record where the original is about to go (archive, failed, back to the inbox)."""
+        self._update(job_id, "disposed_path=?, updated_at=?", (str(path), now))
+
+    def recover(self, is_dead: Callable[[str | None], bool], *, now: float) -> list[Job]:
+        """Return jobs left RUNNING by workers that are gone, now queued again."""
+        with self._write() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state='running'").fetchall()
+            stale = [r for r in rows if is_dead(r["owner"])]
+            for row in stale:
+                db.execute(
+                    "UPDATE jobs SET state='queued', owner=NULL, progress=NULL, next_attempt_at=?,"
+                    " updated_at=? WHERE id=?",
+                    (now, now, row["id"]),
+                )
+        return [self._job(r) for r in stale]
+
+    def next_due_at(self, folders: Collection[str]) -> float | None:
+        """Return when the earliest waiting job of these folders is due, or None."""
+        if not folders:
+            return None
+        marks = ",".join("?" * len(folders))
+        rows = self._read(
+            f"SELECT MIN(next_attempt_at) FROM jobs WHERE state IN ('queued', 'retry_wait')"
+            f" AND folder IN ({marks})",
+            tuple(folders),
+        )
+        value = rows[0][0] if rows else None
+        return float(value) if value is not None else None
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()

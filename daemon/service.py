@@ -1,0 +1,268 @@
+"""The long-running service: start-up and stop ordering, signals, reload.
+
+Threads: the main thread waits for signals and runs reloads; APScheduler's thread runs the
+stability tick, rescans and retry wake-ups; watchdog runs one observer thread per folder; one
+worker thread processes jobs (one GPU runs one model's work well).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from daemon import layout
+from daemon import log as logsetup
+from daemon.config import Config, load_config
+from daemon.errors import ConfigError
+from daemon.fsutil import durable_move, free_name
+from daemon.journal import FileIdentity, Job, JobState
+from daemon.journal.sqlite import SqliteJournal
+from daemon.models import ModelRegistry
+from daemon.pipeline.transcribe import WhisperEngine
+from daemon.watcher import FolderWatcher, ReadyFile
+from daemon.worker import Worker, default_owner
+
+log = structlog.get_logger("whisperd")
+
+TICK_S = 0.25  # how often settled files are handed from the watchers to the journal
+IDLE_POLL_S = 2.0  # an idle worker looks at the journal at least this often (other instances)
+
+
+def journal_path(config: Config) -> Path:
+    """Return where the SQLite journal lives."""
+    return config.settings.state_dir / "journal.sqlite3"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_is_dead(owner: str | None, host: str | None = None) -> bool:
+    """Return True when a job's owner (host:pid) is certainly gone; other hosts' owners are not judged."""
+    if not owner:
+        return True
+    owner_host, _, pid = owner.rpartition(":")
+    if owner_host != (host or socket.gethostname()):
+        return False
+    return not (pid.isdigit() and _pid_alive(int(pid)))
+
+
+class Service:
+    """whisperd's daemon: watchers → journal → worker, until a signal says stop."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config = load_config(config_path)
+        self.owner = default_owner()
+        self.watchers: dict[str, FolderWatcher] = {}
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._wake = threading.Event()
+        self._signals = 0
+        self._worker_thread: threading.Thread | None = None
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the journal, recover, load models, start watching and working."""
+        settings = self.config.settings
+        logsetup.configure(settings.log_format, settings.log_level)
+        log.info("starting", config=str(self.config_path), folders=list(self.config.folders), owner=self.owner)
+        self.journal = SqliteJournal(journal_path(self.config))
+        now = time.time()
+        for job in self.journal.recover(owner_is_dead, now=now):
+            log.info("job_requeued", job_id=job.id, folder=job.folder, file=job.rel_path,
+                     reason="left running by a process that is gone")
+        self._reconcile_processing_areas()
+
+        self.registry = ModelRegistry(settings.model_dir, settings.device, settings.torch_threads)
+        for name in settings.preload_models:
+            self.registry.get(name)
+        self.worker = Worker(lambda: self.config, self.journal, WhisperEngine(self.registry),
+                             owner=self.owner, on_retry=self._schedule_wakeup)
+
+        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+        self.scheduler.add_job(self._tick, "interval", seconds=TICK_S, id="tick",
+                               max_instances=1, coalesce=True)
+        self.scheduler.add_job(self.rescan, "interval", seconds=settings.rescan_interval, id="rescan",
+                               max_instances=1, coalesce=True, next_run_time=datetime.now(timezone.utc))
+        due = self.journal.next_due_at(list(self.config.folders))
+        if due is not None:
+            self._schedule_wakeup(None, due)
+        for folder in self.config.folders.values():
+            self._start_watcher(folder.name)
+        self.scheduler.start()
+        self._worker_thread = threading.Thread(target=self._work, name="worker", daemon=True)
+        self._worker_thread.start()
+        log.info("ready", folders=len(self.config.folders), models=self.registry.loaded())
+
+    def _start_watcher(self, name: str) -> None:
+        watcher = FolderWatcher(self.config.folders[name], clock=time.monotonic)
+        self.watchers[name] = watcher
+        try:
+            watcher.start()
+        except OSError as err:
+            # An unmounted share must not stop the other folders; the rescan retries it.
+            log.error("watch_failed", folder=name, inbox=str(watcher.folder.inbox), error=str(err))
+
+    def _reconcile_processing_areas(self) -> None:
+        """Return originals that no active job owns from processing areas to their inboxes."""
+        active = {j.id for j in self.journal.jobs(JobState.active())}
+        for folder in self.config.folders.values():
+            root = layout.processing_root(folder)
+            if not root.is_dir():
+                continue
+            for job_dir in root.iterdir():
+                if job_dir.name.isdigit() and int(job_dir.name) in active:
+                    continue
+                for path in sorted(p for p in job_dir.rglob("*") if p.is_file() or p.is_symlink()):
+                    rel = path.relative_to(job_dir).as_posix()
+                    target = free_name(layout.inbox_path(folder, rel))
+                    durable_move(path, target)
+                    log.warning("returned_to_inbox", folder=folder.name, file=rel,
+                                reason="found in the processing area with no job")
+                shutil.rmtree(job_dir, ignore_errors=True)
+
+    # -- the loops -----------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for watcher in list(self.watchers.values()):
+            for ready in watcher.poll(now):
+                self.enqueue(ready)
+
+    def enqueue(self, ready: ReadyFile) -> Job | None:
+        """Put a settled file into the journal (idempotent) and wake the worker."""
+        config = self.config
+        folder = config.folders.get(ready.folder)
+        if folder is None:
+            return None
+        keep = config.rule_for(ready.folder, ready.rel_path).on_success == "keep"
+        job = self.journal.enqueue(
+            FileIdentity(ready.folder, ready.rel_path, ready.size, ready.mtime_ns),
+            priority=folder.priority, now=time.time(), skip_if_done=keep,
+        )
+        if job is not None:
+            log.info("job_queued", job_id=job.id, folder=job.folder, file=job.rel_path, size=job.size)
+            self._wake.set()
+        return job
+
+    def rescan(self) -> None:
+        """Scan every inbox in full (watchers miss files) and restart observers that died."""
+        for name, watcher in list(self.watchers.items()):
+            if not watcher.watching:
+                with contextlib.suppress(OSError):
+                    watcher.start()
+            try:
+                seen = watcher.scan()
+            except OSError as err:
+                log.error("rescan_failed", folder=name, error=str(err))
+                continue
+            log.debug("rescanned", folder=name, files=seen)
+
+    def _schedule_wakeup(self, job: Job | None, due: float) -> None:
+        when = datetime.fromtimestamp(due, tz=timezone.utc)
+        with contextlib.suppress(Exception):  # the scheduler may already be shut down
+            self.scheduler.add_job(self._wake.set, "date", run_date=when)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.worker.run_once()
+            except Exception:
+                log.exception("worker_error")
+                job = None
+                self._stop.wait(1.0)
+            if job is None and not self._stop.is_set():
+                due = self.journal.next_due_at(list(self.config.folders))
+                wait = IDLE_POLL_S if due is None else min(max(due - time.time(), 0.01), IDLE_POLL_S)
+                self._wake.wait(wait)
+                self._wake.clear()
+
+    # -- signals, reload, stop -----------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload.set()
+            return
+        self._signals += 1
+        if self._signals > 1:
+            # A second request: stop at once. A job left RUNNING is requeued on the next start.
+            os._exit(128 + signum)
+        self._stop.set()
+
+    def reload(self) -> bool:
+        """Re-read the config file; apply it if valid, else log every problem and keep the old one."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as err:
+            log.error("reload_failed", config=str(self.config_path),
+                      problems=[str(p) for p in err.problems], keeping="the running configuration")
+            return False
+        old = self.config
+        for name, watcher in list(self.watchers.items()):
+            if name not in new.folders or new.folders[name] != old.folders.get(name):
+                watcher.stop()
+                del self.watchers[name]
+        self.config = new
+        logsetup.configure(new.settings.log_format, new.settings.log_level)
+        for name in new.folders:
+            if name not in self.watchers:
+                self._start_watcher(name)
+                with contextlib.suppress(OSError):
+                    self.watchers[name].scan()
+        if new.settings.state_dir != old.settings.state_dir or new.settings.device != old.settings.device:
+            log.warning("restart_needed", reason="state_dir and device changes apply after a restart")
+        log.info("reloaded", folders=list(new.folders))
+        self._wake.set()
+        return True
+
+    def stop(self) -> None:
+        """Stop watching and claiming; let the current job finish within the grace period, else requeue it."""
+        grace = self.config.settings.shutdown_grace
+        log.info("stopping", grace_s=grace, running_job=self.worker.current.id if self.worker.current else None)
+        self._stop.set()
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            self.scheduler.shutdown(wait=False)
+        for watcher in self.watchers.values():
+            watcher.stop()
+        thread = self._worker_thread
+        if thread is not None:
+            thread.join(timeout=grace)
+            if thread.is_alive():
+                log.info("cancelling_job", job_id=self.worker.current.id if self.worker.current else None)
+                self.worker.cancel()
+                thread.join(timeout=30)
+        self.journal.close()
+        log.info("stopped")
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; SIGHUP reloads. Return the exit code."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        self.start()
+        while not self._stop.is_set():
+            self._stop.wait(0.5)
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+        self.stop()
+        return 0

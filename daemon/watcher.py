@@ -1,0 +1,214 @@
+"""Watching inboxes: watchdog observers (inotify or polling), full rescans, and a stability gate.
+
+The watcher only detects: every sighting of a file (an event or a rescan) touches the stability
+tracker, and `poll(now)` hands on the files that have settled. It never processes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+    FileSystemMovedEvent,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from daemon.config import Folder
+
+log = structlog.get_logger(__name__)
+
+# watchdog's inotify emitter warns when a directory created inside a recursive watch (our own
+# processing area, a copied folder) gets its watch added twice; the events are not affected.
+warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
+
+
+@dataclass(frozen=True)
+class ReadyFile:
+    """A file that has stopped changing: what the journal enqueues."""
+
+    folder: str
+    rel_path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class _Sighting:
+    last_touch: float  # monotonic time of the last event or scan that saw the file
+    size: int
+    mtime_ns: int
+
+
+class StabilityTracker:
+    """Decides when a file is completely written. No limit on how long arrival may take.
+
+    Ready means: no touch for `delay` seconds, AND a fresh lstat shows the size and mtime seen
+    before, AND it is still a regular file. Callers pass `now` (monotonic seconds).
+    """
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self._pending: dict[Path, _Sighting] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def touch(self, path: Path, now: float) -> None:
+        """Record that something happened to path (an event, or a scan saw it)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            with self._lock:
+                self._pending.pop(path, None)
+            return
+        with self._lock:
+            seen = self._pending.get(path)
+            if seen is None:
+                self._pending[path] = _Sighting(now, st.st_size, st.st_mtime_ns)
+            else:
+                seen.last_touch = now
+
+    def poll(self, now: float) -> list[tuple[Path, os.stat_result]]:
+        """Return the files that have settled, forgetting them; unsettled ones wait on."""
+        with self._lock:
+            due = [(p, s) for p, s in self._pending.items() if now - s.last_touch >= self.delay_s]
+        ready = []
+        for path, seen in due:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                self._forget(path)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("not_a_regular_file", file=str(path), reason="symlinks, FIFOs and devices are not followed")
+                self._forget(path)
+                continue
+            if (st.st_size, st.st_mtime_ns) == (seen.size, seen.mtime_ns):
+                self._forget(path)
+                ready.append((path, st))
+            else:
+                # Still growing, written without an event (a network share): start the wait again.
+                with self._lock:
+                    seen.size, seen.mtime_ns, seen.last_touch = st.st_size, st.st_mtime_ns, now
+        return ready
+
+    def _forget(self, path: Path) -> None:
+        with self._lock:
+            self._pending.pop(path, None)
+
+
+class _EventHandler(FileSystemEventHandler):
+    def __init__(self, watcher: FolderWatcher) -> None:
+        self.watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write", "deleted"):
+            return
+        if isinstance(event, (DirCreatedEvent, DirMovedEvent)):
+            # A folder moved or copied in may bring files that raised no event of their own.
+            target = event.dest_path if isinstance(event, DirMovedEvent) else event.src_path
+            self.watcher.scan(Path(os.fsdecode(target)))
+            return
+        if event.is_directory:
+            return
+        path = event.dest_path if isinstance(event, FileSystemMovedEvent) else event.src_path
+        self.watcher.saw(Path(os.fsdecode(path)))
+
+
+class FolderWatcher:
+    """One folder's observer, rescans and stability tracker."""
+
+    def __init__(self, folder: Folder, clock: Callable[[], float]) -> None:
+        self.folder = folder
+        self.clock = clock
+        self.tracker = StabilityTracker(folder.stability_delay)
+        self._observer: BaseObserver | None = None
+
+    @property
+    def watching(self) -> bool:
+        """Return True while an observer is running for this folder."""
+        return self._observer is not None and self._observer.is_alive()
+
+    def start(self) -> None:
+        """Create the inbox if needed and start observing it (inotify, or polling)."""
+        self.folder.inbox.mkdir(parents=True, exist_ok=True)
+        # Polling for network shares: inotify never hears about other machines' writes.
+        observer: BaseObserver = (
+            PollingObserver(timeout=self.folder.poll_interval) if self.folder.watch == "poll" else Observer()
+        )
+        observer.schedule(_EventHandler(self), str(self.folder.inbox), recursive=self.folder.recursive)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        log.info("watching", folder=self.folder.name, inbox=str(self.folder.inbox), mode=self.folder.watch)
+
+    def stop(self) -> None:
+        """Stop observing; pending sightings are forgotten (the next start rescans)."""
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=10)
+            self._observer = None
+
+    def relative(self, path: Path) -> str | None:
+        """Return path relative to the inbox if it is a candidate (accepted, not too deep), else None."""
+        try:
+            rel = path.relative_to(self.folder.inbox)
+        except ValueError:
+            return None
+        if not rel.parts or (not self.folder.recursive and len(rel.parts) > 1):
+            return None
+        text = rel.as_posix()
+        return text if self.folder.accepts(text) else None
+
+    def saw(self, path: Path) -> None:
+        """Touch a file an event reported, if it is a candidate."""
+        if self.relative(path) is not None:
+            self.tracker.touch(path, self.clock())
+
+    def scan(self, top: Path | None = None) -> int:
+        """Touch every candidate file under top (default: the whole inbox); return how many."""
+        count = 0
+        now = self.clock()
+        for path in self._walk(top or self.folder.inbox):
+            if self.relative(path) is not None:
+                self.tracker.touch(path, now)
+                count += 1
+        return count
+
+    def _walk(self, top: Path) -> Iterator[Path]:
+        if not top.is_dir():
+            return
+        for root, dirs, files in os.walk(top, followlinks=False):
+            base = Path(root)
+            # Prune ignored directories (.whisperd, @eaDir, #recycle …) instead of walking them.
+            dirs[:] = [
+                d for d in dirs
+                if not self.folder.builtin_ignored((base / d).relative_to(self.folder.inbox).as_posix())
+            ]
+            if not self.folder.recursive:
+                dirs[:] = []
+            for name in files:
+                yield base / name
+
+    def poll(self, now: float) -> list[ReadyFile]:
+        """Return the files that have settled since the last poll."""
+        ready = []
+        for path, st in self.tracker.poll(now):
+            rel = self.relative(path)
+            if rel is not None:
+                ready.append(ReadyFile(self.folder.name, rel, st.st_size, st.st_mtime_ns))
+        return ready

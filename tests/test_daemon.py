@@ -1,0 +1,337 @@
+"""The daemon end to end: `whisperd run` as a subprocess on real folders, ffmpeg and whisper code."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import media
+import pytest
+from conftest import FAST_DECODE, MediaSet
+from daemon_harness import Daemon, files_under
+
+from daemon.journal import JobState
+
+pytestmark = pytest.mark.slow
+
+OUTPUTS = ("srt", "txt")
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path, checkpoint: Path) -> Callable[..., Daemon]:
+    """Return a factory of daemons on tmp_path with one folder 'media' and fast decoding."""
+    daemons: list[Daemon] = []
+
+    def make(folder: dict[str, Any] | None = None, **top: Any) -> Daemon:
+        data: dict[str, Any] = {
+            "state_dir": str(tmp_path / "state"),
+            "model_dir": str(tmp_path / "models"),
+            "device": "cpu",
+            "torch_threads": 1,
+            "log_format": "json",
+            "rescan_interval": 3600,
+            "shutdown_grace": 10,
+            "defaults": {"model": str(checkpoint), **FAST_DECODE, "sample_len": 8,
+                         "output_formats": list(OUTPUTS), "retry_base_delay": 0.3, "retry_max_delay": 2},
+            "folders": [{
+                "name": "media",
+                "inbox": str(tmp_path / "inbox"),
+                "outbox": str(tmp_path / "outbox"),
+                "archive": str(tmp_path / "archive"),
+                "failed": str(tmp_path / "failed"),
+                "stability_delay": 0.5,
+                **(folder or {}),
+            }],
+        }  # fmt: skip
+        data.update(top)
+        for entry in data["folders"]:
+            Path(entry["inbox"]).mkdir(parents=True, exist_ok=True)
+        daemon = Daemon(tmp_path, data)
+        daemons.append(daemon)
+        return daemon
+
+    yield make  # type: ignore[misc]
+    for daemon in daemons:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+def _drop(source: Path, target: Path) -> Path:
+    """Copy a file into an inbox the way a copy tool does: to a .part name, then rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    shutil.copyfile(source, part)
+    os.rename(part, target)
+    return target
+
+
+def _inotify_instances(pid: int) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == "anon_inode:inotify":
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def test_slow_writer_makes_one_job_after_the_writes_stop(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet
+) -> None:
+    """A file appended to every 50 ms for 10 s becomes exactly one job, started after the last write."""
+    daemon = make_daemon().start()
+    data = media_set.speech_mp4.read_bytes()
+    target = daemon.folder("inbox") / "slow.mp4"
+    chunks = 200
+    step = len(data) // chunks + 1
+    with open(target, "wb") as handle:
+        for i in range(0, len(data), step):
+            handle.write(data[i:i + step])
+            handle.flush()
+            time.sleep(0.05)
+    last_write = time.time()
+    jobs = daemon.wait_done(1)
+    assert len(daemon.jobs()) == 1
+    job = jobs[0]
+    assert job.state == JobState.DONE and job.size == len(data)
+    assert job.created_at >= last_write - 0.05
+    assert files_under(daemon.folder("outbox")) == ["slow.srt", "slow.txt"]
+    assert daemon.stop() == 0
+
+
+def test_part_file_renamed_into_place_is_processed_once(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet
+) -> None:
+    """A copy written as name.part and renamed to name.mp4 yields one job for name.mp4 only."""
+    daemon = make_daemon().start()
+    inbox = daemon.folder("inbox")
+    part = inbox / "talk.mp4.part"
+    shutil.copyfile(media_set.speech_mp4, part)
+    time.sleep(1.5)  # three stability delays: a .part must never be picked up however long it sits
+    assert daemon.jobs() == []
+    os.rename(part, inbox / "talk.mp4")
+    daemon.wait_done(1)
+    assert [(j.rel_path, j.state) for j in daemon.jobs()] == [("talk.mp4", JobState.DONE)]
+    assert files_under(daemon.folder("archive")) == ["talk.mp4"]
+    assert daemon.stop() == 0
+
+
+def test_two_hundred_files_in_nested_folders(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet, tmp_path: Path
+) -> None:
+    """200 files dropped at once into subfolders: 200 done jobs, mirrored outputs and archives, no duplicates."""
+    clip = media.tone_wav(tmp_path / "clip.wav", seconds=0.5)
+    daemon = make_daemon().start()
+    inbox = daemon.folder("inbox")
+    names = [f"group{i % 5}/day{i % 3}/clip{i:03d}.wav" for i in range(200)]
+    for name in names:
+        (inbox / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(clip, inbox / name)
+    jobs = daemon.wait_done(200, timeout=400)
+    assert len(daemon.jobs()) == 200
+    assert {j.state for j in jobs} == {JobState.DONE}
+    assert sorted(j.rel_path for j in jobs) == sorted(names)
+    expected_outputs = sorted(n.removesuffix(".wav") + f".{ext}" for n in names for ext in OUTPUTS)
+    assert files_under(daemon.folder("outbox")) == expected_outputs
+    assert files_under(daemon.folder("archive")) == sorted(names)
+    assert files_under(inbox) == []  # the processing area is emptied too
+    assert daemon.stop() == 0
+
+
+def test_poll_mode_uses_no_inotify_and_rescan_finds_missed_files(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet
+) -> None:
+    """Poll mode processes new files with no inotify instance; a file present at start is found by the rescan."""
+    daemon = make_daemon({"watch": "poll", "poll_interval": 0.3})
+    shutil.copyfile(media_set.speech_mp4, daemon.folder("inbox") / "before-start.mp4")
+    daemon.start()
+    assert _inotify_instances(daemon.pid) == 0
+    _drop(media_set.speech_mp4, daemon.folder("inbox") / "sub" / "while-running.mp4")
+    daemon.wait_done(2)
+    assert sorted(j.rel_path for j in daemon.jobs()) == ["before-start.mp4", "sub/while-running.mp4"]
+    assert _inotify_instances(daemon.pid) == 0
+    assert daemon.stop() == 0
+
+
+def test_periodic_rescan_picks_up_what_no_watcher_reported(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet
+) -> None:
+    """With the poller effectively off (1 h interval), the periodic rescan still finds a new file."""
+    daemon = make_daemon({"watch": "poll", "poll_interval": 3600}, rescan_interval=1).start()
+    _drop(media_set.speech_mp4, daemon.folder("inbox") / "missed.mp4")
+    daemon.wait_done(1, timeout=30)
+    assert files_under(daemon.folder("outbox")) == ["missed.srt", "missed.txt"]
+    assert daemon.stop() == 0
+
+
+def test_kill_9_mid_job_then_restart_completes_once(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """kill -9 while a job runs; after a restart it completes once: one output set, one archived original."""
+    long_clip = media.tone_wav(tmp_path / "long.wav", seconds=75)
+    daemon = make_daemon()
+    daemon.data["defaults"]["sample_len"] = 32
+    daemon.write_config(daemon.data)
+    daemon.start()
+    _drop(long_clip, daemon.folder("inbox") / "lecture.wav")
+    daemon.wait_for(
+        lambda: any(j.state == JobState.RUNNING and j.processing_path for j in daemon.jobs()),
+        30, "the job to be running",
+    )
+    daemon.kill()
+    [job] = daemon.jobs()
+    assert job.state == JobState.RUNNING  # what a crash leaves behind
+    daemon.start()
+    [done] = daemon.wait_done(1)
+    assert (done.id, done.state, done.attempts) == (job.id, JobState.DONE, 0)
+    assert daemon.event("job_requeued")["job_id"] == job.id  # type: ignore[index]
+    assert files_under(daemon.folder("outbox")) == ["lecture.srt", "lecture.txt"]
+    assert (daemon.folder("outbox") / "lecture.srt").read_text().startswith("1\n")
+    assert files_under(daemon.folder("archive")) == ["lecture.wav"]
+    assert files_under(daemon.folder("inbox")) == []
+    assert daemon.stop() == 0
+
+
+def test_not_media_fails_on_first_attempt_while_others_flow(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet
+) -> None:
+    """A text file named .mp4 goes to failed/ with an error file at once; a good file beside it is done."""
+    daemon = make_daemon().start()
+    inbox = daemon.folder("inbox")
+    _drop(media_set.not_media, inbox / "docs" / "notes.mp4")
+    _drop(media_set.speech_mp4, inbox / "docs" / "talk.mp4")
+    jobs = {j.rel_path: j for j in daemon.wait_done(2)}
+    bad, good = jobs["docs/notes.mp4"], jobs["docs/talk.mp4"]
+    assert (bad.state, bad.attempts, bad.last_stage) == (JobState.FAILED, 1, "probe")
+    assert good.state == JobState.DONE
+    assert files_under(daemon.folder("failed")) == ["docs/notes.mp4", "docs/notes.mp4.error.txt"]
+    report = (daemon.folder("failed") / "docs" / "notes.mp4.error.txt").read_text()
+    assert "Reason:      not a media file ffprobe can read" in report
+    assert "Stage:       probe" in report and "Attempts:    1 of 5" in report
+    assert "ffprobe" in report and "Invalid data found" in report
+    assert (daemon.folder("failed") / "docs" / "notes.mp4").read_bytes() == media_set.not_media.read_bytes()
+    assert daemon.stop() == 0
+
+
+def test_transient_fault_is_retried_until_the_outbox_recovers(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet
+) -> None:
+    """With the outbox unwritable the job retries with growing waits, and succeeds once it is writable."""
+    daemon = make_daemon()
+    # Root can write to read-only directories, so make the outbox unwritable for anyone: a file
+    # stands where the outbox directory should be.
+    outbox = daemon.folder("outbox")
+    outbox.write_text("not a directory")
+    daemon.data["defaults"]["max_attempts"] = 20
+    daemon.write_config(daemon.data)
+    daemon.start()
+    _drop(media_set.speech_mp4, daemon.folder("inbox") / "talk.mp4")
+    daemon.wait_for(lambda: len(daemon.events("job_retry")) >= 3, 30, "three retries")
+    retries = daemon.events("job_retry")
+    assert [e["attempts"] for e in retries[:3]] == [1, 2, 3]
+    assert all(e["stage"] == "publish" and "cannot write outputs" in e["error"] for e in retries)
+    [waiting] = daemon.jobs()
+    assert waiting.state in (JobState.RETRY_WAIT, JobState.RUNNING)
+    assert files_under(daemon.folder("inbox")) == [".whisperd/processing/1/talk.mp4"]
+    outbox.unlink()
+    [done] = daemon.wait_done(1, timeout=30)
+    assert done.state == JobState.DONE and done.attempts >= 3
+    assert files_under(outbox) == ["talk.srt", "talk.txt"]
+    assert daemon.stop() == 0
+
+
+def test_transient_fault_exhausts_attempts_into_failed(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet
+) -> None:
+    """After max_attempts transient failures the original lands in failed/ with the reason."""
+    daemon = make_daemon({"max_attempts": 2})
+    daemon.folder("outbox").write_text("not a directory")
+    daemon.start()
+    _drop(media_set.speech_mp4, daemon.folder("inbox") / "talk.mp4")
+    [job] = daemon.wait_done(1, timeout=30)
+    assert (job.state, job.attempts) == (JobState.FAILED, 2)
+    report = (daemon.folder("failed") / "talk.mp4.error.txt").read_text()
+    assert "Attempts:    2 of 2" in report and "cannot write outputs" in report
+    assert daemon.stop() == 0
+
+
+def test_sighup_adds_a_folder_and_a_broken_config_keeps_the_old_one(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet, tmp_path: Path
+) -> None:
+    """SIGHUP with a new folder starts watching it; SIGHUP with a broken config logs every error and runs on."""
+    daemon = make_daemon().start()
+    data = daemon.data
+    second = {**data["folders"][0], "name": "second"}
+    for role in ("inbox", "outbox", "archive", "failed"):
+        second[role] = str(tmp_path / "second" / role)
+    data["folders"].append(second)
+    daemon.write_config(data)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for(lambda: daemon.event("reloaded"), 20, "the reload")
+    _drop(media_set.speech_mp4, daemon.folder("inbox", "second") / "new.mp4")
+    daemon.wait_done(1)
+    assert files_under(daemon.folder("outbox", "second")) == ["new.srt", "new.txt"]
+
+    broken = {**data, "device": "gpu", "folders": [*data["folders"], {"name": "x"}]}
+    daemon.write_config(broken)
+    daemon.signal(signal.SIGHUP)
+    failure = daemon.wait_for(lambda: daemon.event("reload_failed"), 20, "the failed reload")
+    assert any(p.startswith("device:") for p in failure["problems"])
+    assert any(p.startswith("folders[2].inbox") for p in failure["problems"])
+    _drop(media_set.speech_mp4, daemon.folder("inbox") / "still-working.mp4")
+    daemon.wait_done(2)
+    assert "still-working.srt" in files_under(daemon.folder("outbox"))
+    assert daemon.stop() == 0
+
+
+def test_sigterm_during_a_job_exits_zero_and_loses_nothing(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """SIGTERM mid-job exits 0 within the grace period; the job is queued again and done after a restart."""
+    long_clip = media.tone_wav(tmp_path / "long.wav", seconds=150)
+    daemon = make_daemon(shutdown_grace=0.5)
+    daemon.data["defaults"]["sample_len"] = 224  # every window decodes its longest: a job of several seconds
+    daemon.write_config(daemon.data)
+    daemon.start()
+    _drop(long_clip, daemon.folder("inbox") / "long.wav")
+    daemon.wait_for(lambda: any(j.state == JobState.RUNNING and (j.progress or 0) > 0 for j in daemon.jobs()),
+                    60, "the job to make progress")
+    started = time.monotonic()
+    assert daemon.stop(timeout=30) == 0
+    assert time.monotonic() - started < 15
+    [job] = daemon.jobs()
+    assert (job.state, job.attempts) == (JobState.QUEUED, 0)  # handed back, not counted as a failure
+    assert daemon.event("job_requeued")["reason"] == "shutdown"  # type: ignore[index]
+    daemon.start()
+    [done] = daemon.wait_done(1, timeout=90)
+    assert done.state == JobState.DONE
+    assert files_under(daemon.folder("outbox")) == ["long.srt", "long.txt"]
+    assert files_under(daemon.folder("archive")) == ["long.wav"]
+    assert daemon.stop() == 0
+
+
+def test_keep_leaves_the_original_and_does_not_reprocess_it(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet
+) -> None:
+    """on_success: keep leaves the file in the inbox; rescans and restarts do not process it again."""
+    daemon = make_daemon({"on_success": "keep"}, rescan_interval=0.5).start()
+    _drop(media_set.speech_mp4, daemon.folder("inbox") / "talk.mp4")
+    daemon.wait_done(1)
+    time.sleep(2)  # several rescans see the file again
+    assert daemon.stop() == 0
+    daemon.start()
+    time.sleep(2)
+    assert [j.state for j in daemon.jobs()] == [JobState.DONE]
+    assert files_under(daemon.folder("inbox")) == ["talk.mp4"]
+    # A changed file (new size and mtime) is a new arrival.
+    with open(daemon.folder("inbox") / "talk.mp4", "ab") as handle:
+        handle.write(b"\0" * 16)
+    daemon.wait_for(lambda: len(daemon.jobs()) == 2, 20, "the changed file's job")
+    assert daemon.stop() == 0

@@ -1,0 +1,119 @@
+"""The SQLite journal: idempotent enqueue, claim order, exclusive claims, recovery, schema."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from daemon.journal import FileIdentity, JobState
+from daemon.journal.sqlite import MIGRATIONS, SqliteJournal
+
+
+def _id(rel: str = "a.mp4", size: int = 10, mtime_ns: int = 1, folder: str = "f") -> FileIdentity:
+    return FileIdentity(folder, rel, size, mtime_ns)
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> SqliteJournal:
+    """A fresh journal file."""
+    return SqliteJournal(tmp_path / "journal.sqlite3")
+
+
+def test_enqueue_is_idempotent_on_the_file_identity(journal: SqliteJournal) -> None:
+    """An event, a rescan and a NAS touching the same file make one job; a changed file makes another."""
+    assert journal.enqueue(_id(), priority=0, now=1, skip_if_done=False) is not None
+    assert journal.enqueue(_id(), priority=0, now=2, skip_if_done=False) is None
+    assert journal.enqueue(_id(), priority=0, now=3, skip_if_done=True) is None
+    assert journal.enqueue(_id(size=11), priority=0, now=4, skip_if_done=False) is not None
+    assert len(journal.jobs()) == 2
+
+
+def test_done_identity_is_skipped_only_when_asked(journal: SqliteJournal) -> None:
+    """A done file seen again is skipped for on_success keep, and is a new arrival otherwise."""
+    job = journal.enqueue(_id(), priority=0, now=1, skip_if_done=False)
+    assert job is not None
+    journal.claim(["f"], now=2, owner="h:1")
+    journal.mark_done(job.id, None, now=3)
+    assert journal.enqueue(_id(), priority=0, now=4, skip_if_done=True) is None
+    again = journal.enqueue(_id(), priority=0, now=5, skip_if_done=False)
+    assert again is not None and again.id != job.id
+
+
+def test_claim_takes_priority_then_age_and_only_due_jobs(journal: SqliteJournal) -> None:
+    """Higher folder priority first, then the oldest; retry_wait jobs wait for their time."""
+    old = journal.enqueue(_id("old.mp4"), priority=0, now=1, skip_if_done=False)
+    new = journal.enqueue(_id("new.mp4"), priority=0, now=2, skip_if_done=False)
+    urgent = journal.enqueue(_id("urgent.mp4", folder="g"), priority=5, now=3, skip_if_done=False)
+    assert old and new and urgent
+    assert journal.claim(["f", "g"], now=10, owner="h:1").id == urgent.id  # type: ignore[union-attr]
+    first = journal.claim(["f", "g"], now=10, owner="h:1")
+    assert first is not None and first.id == old.id and first.state == JobState.RUNNING
+    journal.mark_retry(first.id, "disk full", "publish", now=11, due=100)
+    assert journal.claim(["f"], now=20, owner="h:1").id == new.id  # type: ignore[union-attr]
+    assert journal.claim(["f"], now=50, owner="h:1") is None
+    retried = journal.claim(["f"], now=100, owner="h:1")
+    assert retried is not None and retried.id == old.id and retried.attempts == 1
+    assert journal.claim(["other"], now=1000, owner="h:1") is None
+
+
+def test_concurrent_claims_never_take_the_same_job(tmp_path: Path) -> None:
+    """Four workers with their own connections claim 100 jobs: each job exactly once."""
+    path = tmp_path / "journal.sqlite3"
+    setup = SqliteJournal(path)
+    for i in range(100):
+        setup.enqueue(_id(f"{i}.mp4"), priority=0, now=i, skip_if_done=False)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def work(owner: str) -> None:
+        mine = SqliteJournal(path)
+        while (job := mine.claim(["f"], now=1000, owner=owner)) is not None:
+            with lock:
+                claimed.append(job.id)
+        mine.close()
+
+    threads = [threading.Thread(target=work, args=(f"h:{n}",)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(j.id for j in setup.jobs())
+    assert len(claimed) == len(set(claimed)) == 100
+
+
+def test_recover_requeues_only_dead_owners_without_counting_an_attempt(journal: SqliteJournal) -> None:
+    """Jobs left running by a dead process return to the queue; a live owner's job stays running."""
+    for name in ("dead.mp4", "alive.mp4"):
+        journal.enqueue(_id(name), priority=0, now=1, skip_if_done=False)
+    dead = journal.claim(["f"], now=2, owner="h:111")
+    alive = journal.claim(["f"], now=2, owner="h:222")
+    assert dead and alive
+    recovered = journal.recover(lambda owner: owner == "h:111", now=3)
+    assert [j.id for j in recovered] == [dead.id]
+    assert journal.get(dead.id).state == JobState.QUEUED  # type: ignore[union-attr]
+    assert journal.get(dead.id).attempts == 0  # type: ignore[union-attr]
+    assert journal.get(alive.id).state == JobState.RUNNING  # type: ignore[union-attr]
+
+
+def test_schema_is_versioned_and_reopening_keeps_data(tmp_path: Path) -> None:
+    """A new file gets the latest schema version; reopening migrates nothing and loses nothing."""
+    path = tmp_path / "journal.sqlite3"
+    first = SqliteJournal(path)
+    first.enqueue(_id(), priority=0, now=1, skip_if_done=False)
+    assert first.schema_version == len(MIGRATIONS)
+    first.close()
+    again = SqliteJournal(path)
+    assert len(again.jobs()) == 1
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A journal written by a newer whisperd is not silently used by an older one."""
+    path = tmp_path / "journal.sqlite3"
+    SqliteJournal(path).close()
+    sqlite3.connect(path).execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    with pytest.raises(RuntimeError, match="newer than this whisperd knows"):
+        SqliteJournal(path)

@@ -1,0 +1,186 @@
+"""The stability gate, retry timing and the worker, driven with an injected clock (no sleeping)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import MediaSet
+
+from daemon.config import Config
+from daemon.journal import FileIdentity, JobState
+from daemon.journal.sqlite import SqliteJournal
+from daemon.pipeline.transcribe import WhisperEngine
+from daemon.retry import backoff_window, retry_delay
+from daemon.watcher import FolderWatcher, StabilityTracker
+from daemon.worker import Worker
+
+
+def test_tracker_waits_for_quiet_and_an_unchanged_stat(tmp_path: Path) -> None:
+    """A file is ready only after `delay` without touches and with the size and mtime seen before."""
+    path = tmp_path / "talk.mp4"
+    path.write_bytes(b"x" * 10)
+    tracker = StabilityTracker(delay_s=5)
+    tracker.touch(path, now=0)
+    assert tracker.poll(now=4.9) == []
+    tracker.touch(path, now=3)  # an event: the wait starts again
+    assert tracker.poll(now=7.9) == []
+    [(ready, st)] = tracker.poll(now=8)
+    assert ready == path and st.st_size == 10
+    assert tracker.poll(now=100) == []  # handed on once
+
+
+def test_tracker_restarts_the_wait_when_a_file_grows_without_events(tmp_path: Path) -> None:
+    """On a network share writes raise no event: a changed size at check time restarts the wait."""
+    path = tmp_path / "talk.mp4"
+    path.write_bytes(b"x" * 10)
+    tracker = StabilityTracker(delay_s=5)
+    tracker.touch(path, now=0)
+    with open(path, "ab") as handle:
+        handle.write(b"more")
+    assert tracker.poll(now=6) == []
+    assert tracker.poll(now=10.9) == []
+    assert [p for p, _ in tracker.poll(now=11)] == [path]
+
+
+def test_tracker_has_no_limit_on_arrival_time(tmp_path: Path) -> None:
+    """A copy that keeps growing for hours is never abandoned; it is ready once it stops."""
+    path = tmp_path / "huge.mkv"
+    path.write_bytes(b"")
+    tracker = StabilityTracker(delay_s=5)
+    tracker.touch(path, now=0)
+    for hour in range(1, 100):
+        with open(path, "ab") as handle:
+            handle.write(b"x")
+        os.utime(path, ns=(hour * 10**9, hour * 10**9))
+        assert tracker.poll(now=hour * 3600) == []
+    assert len(tracker.poll(now=100 * 3600)) == 1
+
+
+def test_tracker_refuses_symlinks_and_forgets_vanished_files(tmp_path: Path) -> None:
+    """A symlink is not followed and a deleted file is dropped; neither becomes ready."""
+    target = tmp_path / "secret"
+    target.write_text("x")
+    link = tmp_path / "link.mp4"
+    link.symlink_to(target)
+    gone = tmp_path / "gone.mp4"
+    gone.write_text("x")
+    tracker = StabilityTracker(delay_s=1)
+    tracker.touch(link, now=0)
+    tracker.touch(gone, now=0)
+    gone.unlink()
+    assert tracker.poll(now=5) == []
+    assert len(tracker) == 0
+
+
+def test_rescan_skips_junk_and_prunes_ignored_folders(
+    tmp_path: Path, config_factory: Callable[..., Config]
+) -> None:
+    """A scan touches media files, not partial downloads, dotfiles or @eaDir/.whisperd contents."""
+    config = config_factory({"include": ["*.mp4"]})
+    folder = config.folders["media"]
+    inbox = folder.inbox
+    for name in ("a.mp4", "sub/b.mp4", "c.mp4.part", ".d.mp4", "@eaDir/e.mp4", ".whisperd/processing/1/f.mp4",
+                 "notes.txt"):
+        (inbox / name).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / name).write_text("x")
+    watcher = FolderWatcher(folder, clock=lambda: 0.0)
+    assert watcher.scan() == 2
+    ready = watcher.poll(now=100)
+    assert sorted(r.rel_path for r in ready) == ["a.mp4", "sub/b.mp4"]
+
+
+@pytest.mark.parametrize(("attempt", "window"), [(1, 30), (2, 60), (3, 120), (4, 240), (8, 3600), (30, 3600)])
+def test_backoff_window_doubles_up_to_the_cap(attempt: int, window: float) -> None:
+    """The retry window doubles with each failure and stops at the cap."""
+    assert backoff_window(attempt, base_s=30, cap_s=3600) == window
+
+
+def test_retry_delay_is_fully_jittered_within_the_window() -> None:
+    """Full jitter: a draw of 0 retries at once, a draw near 1 waits nearly the whole window."""
+    assert retry_delay(3, 30, 3600, jitter=0.0) == 0
+    assert retry_delay(3, 30, 3600, jitter=0.5) == 60
+    assert retry_delay(3, 30, 3600, jitter=0.999) == pytest.approx(119.88)
+
+
+def _worker_setup(
+    tmp_path: Path, config: Config, engine: WhisperEngine, clock: list[float]
+) -> tuple[Worker, SqliteJournal]:
+    journal = SqliteJournal(tmp_path / "journal.sqlite3")
+    worker = Worker(lambda: config, journal, engine, owner="test:1",
+                    clock=lambda: clock[0], jitter=lambda: 1.0)
+    return worker, journal
+
+
+def _enqueue(journal: SqliteJournal, path: Path, rel: str, now: float) -> int:
+    st = path.stat()
+    job = journal.enqueue(FileIdentity("media", rel, st.st_size, st.st_mtime_ns),
+                          priority=0, now=now, skip_if_done=False)
+    assert job is not None
+    return job.id
+
+
+def test_worker_retries_with_growing_delays_then_fails(
+    tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
+) -> None:
+    """With an unwritable outbox each retry waits twice as long (no jitter), then the file goes to failed/."""
+    config = config_factory({"max_attempts": 4, "retry_base_delay": 10, "retry_max_delay": 25})
+    folder = config.folders["media"]
+    folder.inbox.mkdir(parents=True)
+    folder.outbox.write_text("a file where the outbox should be")
+    shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4")
+    clock = [1000.0]
+    worker, journal = _worker_setup(tmp_path, config, engine, clock)
+    job_id = _enqueue(journal, folder.inbox / "talk.mp4", "talk.mp4", now=clock[0])
+
+    waits = []
+    for _ in range(3):
+        assert worker.run_once() is not None
+        job = journal.get(job_id)
+        assert job is not None and job.state == JobState.RETRY_WAIT
+        waits.append(job.next_attempt_at - clock[0])
+        clock[0] = job.next_attempt_at - 0.001
+        assert worker.run_once() is None  # not due yet
+        clock[0] = job.next_attempt_at
+    assert waits == [10, 20, 25]
+    worker.run_once()
+    job = journal.get(job_id)
+    assert job is not None and (job.state, job.attempts) == (JobState.FAILED, 4)
+    assert (folder.failed / "talk.mp4").exists()
+    assert "Attempts:    4 of 4" in (folder.failed / "talk.mp4.error.txt").read_text()
+
+
+def test_worker_drops_a_file_that_vanished_before_its_claim(
+    tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
+) -> None:
+    """A queued file deleted from the inbox is forgotten with a log line, not an error."""
+    config = config_factory()
+    folder = config.folders["media"]
+    folder.inbox.mkdir(parents=True)
+    path = Path(shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4"))
+    worker, journal = _worker_setup(tmp_path, config, engine, [0.0])
+    _enqueue(journal, path, "talk.mp4", now=0)
+    path.unlink()
+    assert worker.run_once() is not None
+    assert journal.jobs() == []
+    assert not folder.failed.exists()
+
+
+def test_worker_keeps_each_archived_original_under_a_free_name(
+    tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
+) -> None:
+    """The same name archived twice is kept twice: talk.mp4 and talk (1).mp4."""
+    config = config_factory({"output_formats": ["txt"]})
+    folder = config.folders["media"]
+    folder.inbox.mkdir(parents=True)
+    worker, journal = _worker_setup(tmp_path, config, engine, [10.0])
+    for n in range(2):
+        path = Path(shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4"))
+        os.utime(path, ns=(n * 10**9, n * 10**9))
+        _enqueue(journal, path, "talk.mp4", now=n)
+        assert worker.run_once() is not None
+    assert sorted(p.name for p in folder.archive.iterdir()) == ["talk (1).mp4", "talk.mp4"]
+    assert [p.name for p in folder.outbox.iterdir()] == ["talk.txt"]
