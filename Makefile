@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 RUN_PACKAGES  := ffmpeg python3-venv
-TEST_PACKAGES := $(RUN_PACKAGES) espeak-ng sox
+# systemd and procps: the tests verify the unit files with systemd-analyze (ExecReload uses /bin/kill).
+TEST_PACKAGES := $(RUN_PACKAGES) espeak-ng sox systemd procps
 
 .PHONY: setup setup-test run test lint clean
 

@@ -182,6 +182,10 @@ class Rule(_Strict):
             found.append("retry_max_delay is smaller than retry_base_delay")
         return found
 
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Rule:
+        """Return this rule with some fields replaced (validated again)."""
+        return _merge(self, overrides)
+
     def output_filename(self, stem: str, ext: str, lang: str) -> str:
         """Return the output file name for one format, from the validated template."""
         model = Path(self.model).stem if self.model.endswith(".pt") else self.model

@@ -8,6 +8,7 @@ WhisperdError
 │   ├── MediaError       permanent: not media, no audio, refused input. Retrying cannot help.
 │   └── TransientError   worth another attempt later: disk full, timeout, GPU out of memory
 ├── ModelError           a model cannot be found or loaded
+├── GpuFault             the CUDA context is poisoned: only a new process recovers
 └── JobCancelled         control flow: the running job was asked to stop (shutdown); requeue it
 """
 
@@ -113,6 +114,11 @@ class TransientError(JobError):
 
 class ModelError(WhisperdError):
     """A model cannot be found or loaded; the message lists what is available."""
+
+
+class GpuFault(WhisperdError):
+    """A CUDA error that poisons the context (illegal memory access, ECC error): every later call
+    fails too, so the job goes back to the queue and the process exits for systemd to restart it."""
 
 
 class JobCancelled(WhisperdError):

@@ -9,12 +9,12 @@ import contextlib
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from daemon.errors import JobCancelled, ToolError, ToolTimeout
+from daemon.control import JobControl
+from daemon.errors import ToolError, ToolTimeout
 
 STDERR_TAIL_LINES = 20
 CANCEL_POLL_S = 0.5
@@ -35,11 +35,12 @@ def tail(text: bytes, lines: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(decoded.splitlines()[-lines:])
 
 
-def run(argv: Sequence[str], *, timeout_s: float, cancel: threading.Event | None = None) -> Completed:
+def run(argv: Sequence[str], *, timeout_s: float, control: JobControl | None = None) -> Completed:
     """Return the output of argv run to completion; raise ToolError, ToolTimeout or JobCancelled.
 
     The child gets its own process group so a timeout kills everything it started, and no
-    stdin so it can never wait for a terminal. Setting `cancel` kills it within half a second.
+    stdin so it can never wait for a terminal. A cancelled `control` kills it within half a second;
+    while it runs, each poll counts as the worker's heartbeat.
     """
     argv = tuple(argv)
     try:
@@ -61,8 +62,8 @@ def run(argv: Sequence[str], *, timeout_s: float, cancel: threading.Event | None
                 stdout, stderr = proc.communicate(timeout=max(min(remaining, CANCEL_POLL_S), 0))
                 break
             except subprocess.TimeoutExpired:
-                if cancel is not None and cancel.is_set():
-                    raise JobCancelled(f"{argv[0]} stopped: the job was cancelled") from None
+                if control is not None:
+                    control.check()  # raises JobCancelled; the except below kills the tool
                 if time.monotonic() >= deadline:
                     _kill_group(proc)
                     _, stderr = proc.communicate()

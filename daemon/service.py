@@ -24,19 +24,26 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from daemon import layout
 from daemon import log as logsetup
 from daemon.config import Config, load_config
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, GpuFault
 from daemon.fsutil import durable_move, free_name
 from daemon.journal import FileIdentity, Job, JobState
 from daemon.journal.sqlite import SqliteJournal
 from daemon.models import ModelRegistry
 from daemon.pipeline.transcribe import WhisperEngine
+from daemon.systemd import Notifier, watchdog_interval
 from daemon.watcher import FolderWatcher, ReadyFile
 from daemon.worker import Worker, default_owner
 
 log = structlog.get_logger("whisperd")
 
+EXIT_GPU_FAULT = 3
 TICK_S = 0.25  # how often settled files are handed from the watchers to the journal
 IDLE_POLL_S = 2.0  # an idle worker looks at the journal at least this often (other instances)
+STATUS_EVERY_S = 1.0  # how often systemd's STATUS= line is refreshed (sent only when it changed)
+MODEL_LOAD_EXTENSION_S = 900  # EXTEND_TIMEOUT_USEC granted per model loaded before READY=1
+# Test-only switch: while the file named here exists, the worker loop hangs without a heartbeat,
+# the way a wedged GPU call would, so tests can watch the watchdog pings stop.
+TEST_HANG_FILE_ENV = "WHISPERD_TEST_HANG_FILE"
 
 
 def journal_path(config: Config) -> Path:
@@ -77,6 +84,11 @@ class Service:
         self._wake = threading.Event()
         self._signals = 0
         self._worker_thread: threading.Thread | None = None
+        self.notifier = Notifier.from_environment()
+        self.exit_code = 0
+        self._last_status: str | None = None
+        self._test_hang_file = os.environ.get(TEST_HANG_FILE_ENV)
+        self._stale_after = float("inf")
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -94,6 +106,9 @@ class Service:
 
         self.registry = ModelRegistry(settings.model_dir, settings.device, settings.torch_threads)
         for name in settings.preload_models:
+            # A large model (or its first download) can outlast TimeoutStartSec: ask for more time.
+            self.notifier.extend_timeout(MODEL_LOAD_EXTENSION_S)
+            self.notifier.status(f"loading model {name} …")
             self.registry.get(name)
         self.worker = Worker(lambda: self.config, self.journal, WhisperEngine(self.registry),
                              owner=self.owner, on_retry=self._schedule_wakeup)
@@ -103,6 +118,14 @@ class Service:
                                max_instances=1, coalesce=True)
         self.scheduler.add_job(self.rescan, "interval", seconds=settings.rescan_interval, id="rescan",
                                max_instances=1, coalesce=True, next_run_time=datetime.now(timezone.utc))
+        self.scheduler.add_job(self._update_status, "interval", seconds=STATUS_EVERY_S, id="status",
+                               max_instances=1, coalesce=True)
+        ping_every = watchdog_interval()
+        if ping_every is not None:
+            # A stale heartbeat (no progress for a whole WatchdogSec) stops the pings.
+            self._stale_after = 2 * ping_every
+            self.scheduler.add_job(self._watchdog, "interval", seconds=ping_every, id="watchdog",
+                                   max_instances=1, coalesce=True, next_run_time=datetime.now(timezone.utc))
         due = self.journal.next_due_at(list(self.config.folders))
         if due is not None:
             self._schedule_wakeup(None, due)
@@ -112,6 +135,7 @@ class Service:
         self._worker_thread = threading.Thread(target=self._work, name="worker", daemon=True)
         self._worker_thread.start()
         log.info("ready", folders=len(self.config.folders), models=self.registry.loaded())
+        self.notifier.ready(self.status_line())
 
     def _start_watcher(self, name: str) -> None:
         watcher = FolderWatcher(self.config.folders[name], clock=time.monotonic)
@@ -177,6 +201,31 @@ class Service:
                 continue
             log.debug("rescanned", folder=name, files=seen)
 
+    def status_line(self) -> str:
+        """Return the one-line state for `systemctl status`: the running job, queue and retries."""
+        counts = self.journal.counts()
+        queued = sum(c.get(JobState.QUEUED.value, 0) for c in counts.values())
+        retrying = sum(c.get(JobState.RETRY_WAIT.value, 0) for c in counts.values())
+        job, progress = self.worker.current, self.worker.progress
+        parts = [f"transcribing {job.folder}/{job.rel_path} {round((progress or 0) * 100)}%" if job else "idle",
+                 f"{queued} queued"]
+        if retrying:
+            parts.append(f"{retrying} retrying")
+        return " · ".join(parts)
+
+    def _update_status(self) -> None:
+        line = self.status_line()
+        if line != self._last_status:
+            self._last_status = line
+            self.notifier.status(line)
+
+    def _watchdog(self) -> None:
+        if time.monotonic() - self.worker.control.last_beat < self._stale_after:
+            self.notifier.watchdog()
+        else:
+            log.error("worker_stalled", seconds_since_heartbeat=round(time.monotonic() - self.worker.control.last_beat),
+                      consequence="watchdog pings withheld; systemd will restart the service")
+
     def _schedule_wakeup(self, job: Job | None, due: float) -> None:
         when = datetime.fromtimestamp(due, tz=timezone.utc)
         with contextlib.suppress(Exception):  # the scheduler may already be shut down
@@ -184,8 +233,16 @@ class Service:
 
     def _work(self) -> None:
         while not self._stop.is_set():
+            self.worker.control.beat()
+            while self._test_hang_file and os.path.exists(self._test_hang_file):
+                time.sleep(0.05)  # test-only: a hang with no heartbeat
             try:
                 job = self.worker.run_once()
+            except GpuFault:
+                # Every later CUDA call would fail too: exit non-zero so systemd restarts the process.
+                self.exit_code = EXIT_GPU_FAULT
+                self._stop.set()
+                return
             except Exception:
                 log.exception("worker_error")
                 job = None
@@ -210,6 +267,14 @@ class Service:
 
     def reload(self) -> bool:
         """Re-read the config file; apply it if valid, else log every problem and keep the old one."""
+        self.notifier.reloading("reloading configuration")
+        try:
+            applied = self._apply_new_config()
+        finally:
+            self.notifier.ready(self.status_line())  # also after a failed reload: the old config runs on
+        return applied
+
+    def _apply_new_config(self) -> bool:
         try:
             new = load_config(self.config_path)
         except ConfigError as err:
@@ -237,6 +302,7 @@ class Service:
     def stop(self) -> None:
         """Stop watching and claiming; let the current job finish within the grace period, else requeue it."""
         grace = self.config.settings.shutdown_grace
+        self.notifier.stopping("stopping: finishing or handing back the running job")
         log.info("stopping", grace_s=grace, running_job=self.worker.current.id if self.worker.current else None)
         self._stop.set()
         self._wake.set()
@@ -255,7 +321,7 @@ class Service:
         log.info("stopped")
 
     def run(self) -> int:
-        """Run until SIGTERM or SIGINT; SIGHUP reloads. Return the exit code."""
+        """Run until SIGTERM or SIGINT; SIGHUP reloads. Return the exit code (non-zero after a GPU fault)."""
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         self.start()
@@ -265,4 +331,4 @@ class Service:
                 self._reload.clear()
                 self.reload()
         self.stop()
-        return 0
+        return self.exit_code

@@ -18,7 +18,6 @@ import os
 import random
 import socket
 import stat
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -29,7 +28,8 @@ import structlog
 
 from daemon import layout
 from daemon.config import Config, Folder, Rule
-from daemon.errors import JobCancelled, JobError, MediaError, TransientError
+from daemon.control import JobControl
+from daemon.errors import GpuFault, JobCancelled, JobError, MediaError, TransientError
 from daemon.fsutil import atomic_write_text, durable_move, free_name
 from daemon.journal import Job, Journal
 from daemon.pipeline import process_file
@@ -67,12 +67,13 @@ class Worker:
         self.clock = clock
         self.jitter = jitter
         self.on_retry = on_retry  # told (job, due) so the service can schedule a wake-up
-        self.cancel_event = threading.Event()
+        self.control = JobControl()
         self.current: Job | None = None
+        self.progress: float | None = None  # the current job's fraction done, for status lines
 
     def cancel(self) -> None:
         """Ask the running job to stop at its next safe point; it goes back to the queue."""
-        self.cancel_event.set()
+        self.control.cancel()
 
     def run_once(self, now: float | None = None) -> Job | None:
         """Claim and process the next due job; return it, or None when nothing was due."""
@@ -81,11 +82,11 @@ class Worker:
         job = self.journal.claim(list(config.folders), now=now, owner=self.owner)
         if job is None:
             return None
-        self.current = job
+        self.current, self.progress = job, 0.0
         try:
             self._process(config, job)
         finally:
-            self.current = None
+            self.current, self.progress = None, None
         return self.journal.get(job.id) or job
 
     # -- one job ------------------------------------------------------------------------------
@@ -93,6 +94,8 @@ class Worker:
     def _process(self, config: Config, job: Job) -> None:
         folder = config.folders[job.folder]
         rule = config.rule_for(job.folder, job.rel_path)
+        if job.overrides:
+            rule = rule.with_overrides(job.overrides)
         bound = log.bind(job_id=job.id, folder=job.folder, file=job.rel_path, attempt=job.attempts + 1)
         source: Path | None = None
         try:
@@ -106,12 +109,14 @@ class Worker:
                 return
             if job.published_at is None:
                 bound.info("job_started", model=rule.model, task=rule.task)
+                with self.control.keepalive():  # a first use may download the model: no checks meanwhile
+                    self.engine.registry.get(rule.model)
                 result = process_file(
                     source, rule, self.engine, config.settings,
                     target_dir=layout.outbox_dir(folder, job.rel_path),
                     stem=Path(job.rel_path).stem,
                     progress=self._progress_reporter(job),
-                    cancel=self.cancel_event,
+                    control=self.control,
                 )  # fmt: skip
                 self.journal.mark_published(job.id, result.outputs, result.timings, now=self.clock())
                 audio_s = result.transcript.audio_duration_s
@@ -124,6 +129,10 @@ class Worker:
         except JobCancelled:
             self.journal.requeue(job.id, now=self.clock())
             bound.info("job_requeued", reason="shutdown")
+        except GpuFault as err:
+            self.journal.requeue(job.id, now=self.clock())
+            bound.critical("gpu_fault", error=str(err), consequence="job requeued; the process exits to recover")
+            raise
         except MediaError as err:
             self._fail(job, folder, rule, source, err, bound)
         except FileNotFoundError as err:
@@ -194,6 +203,7 @@ class Worker:
         last = [0.0]
 
         def report(fraction: float) -> None:
+            self.progress = fraction
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_S or fraction >= 1.0:
                 last[0] = now

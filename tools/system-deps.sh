@@ -8,6 +8,7 @@ present() {
     ffmpeg) command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null ;;
     python3-venv) python3 -c 'import ensurepip, venv' 2>/dev/null ;;
     systemd) command -v systemd-analyze >/dev/null ;;
+    procps) [ -x /bin/kill ] ;;  # `command -v kill` would find the shell builtin
     *) command -v "$1" >/dev/null ;;
   esac
 }

@@ -8,10 +8,10 @@ PostgreSQL journal for several hosts can stand beside the SQLite one.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class JobState(str, enum.Enum):
@@ -65,6 +65,7 @@ class Job:
     progress: float | None = None
     owner: str | None = None  # host:pid of the worker that claimed it
     timings: dict[str, float] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # rule fields set for this job alone
 
     @property
     def identity(self) -> FileIdentity:
@@ -80,7 +81,10 @@ class Job:
 class Journal(Protocol):
     """What the daemon needs from a job store."""
 
-    def enqueue(self, identity: FileIdentity, *, priority: int, now: float, skip_if_done: bool) -> Job | None:
+    def enqueue(
+        self, identity: FileIdentity, *, priority: int, now: float, skip_if_done: bool,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Job | None:
         """Return a new queued job, or None when this identity is active (or done, if asked)."""
         ...
 
@@ -136,6 +140,14 @@ class Journal(Protocol):
 
     def recover(self, is_dead: Callable[[str | None], bool], *, now: float) -> list[Job]:
         """Return jobs left RUNNING by workers that are gone, now queued again."""
+        ...
+
+    def requeue_failed(self, job_id: int, *, now: float) -> bool:
+        """Return True when a failed job is queued again as new (attempts reset)."""
+        ...
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Return the number of jobs per folder and state."""
         ...
 
     def next_due_at(self, folders: Collection[str]) -> float | None:

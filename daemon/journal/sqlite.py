@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,10 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE state IN ('queued', 'running', 'retry_wait');
     CREATE INDEX jobs_due ON jobs (state, next_attempt_at);
     CREATE INDEX jobs_identity ON jobs (folder, rel_path, size, mtime_ns);
+    """,
+    # 2: per-job rule overrides (`whisperd enqueue --list` items with their own task or language).
+    """
+    ALTER TABLE jobs ADD COLUMN overrides TEXT NOT NULL DEFAULT '{}';
     """,
 )
 
@@ -111,9 +115,13 @@ class SqliteJournal:
         data["state"] = JobState(data["state"])
         data["outputs"] = tuple(json.loads(data["outputs"] or "[]"))
         data["timings"] = json.loads(data["timings"] or "{}")
+        data["overrides"] = json.loads(data["overrides"] or "{}")
         return Job(**data)
 
-    def enqueue(self, identity: FileIdentity, *, priority: int, now: float, skip_if_done: bool) -> Job | None:
+    def enqueue(
+        self, identity: FileIdentity, *, priority: int, now: float, skip_if_done: bool,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Job | None:
         """Return a new queued job, or None when this identity is active (or done, if asked)."""
         with self._write() as db:
             states = ACTIVE + (("done",) if skip_if_done else ())
@@ -127,8 +135,9 @@ class SqliteJournal:
                 return None
             cursor = db.execute(
                 "INSERT INTO jobs (folder, rel_path, size, mtime_ns, state, priority, next_attempt_at,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (identity.folder, identity.rel_path, identity.size, identity.mtime_ns, priority, now, now, now),
+                " created_at, updated_at, overrides) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (identity.folder, identity.rel_path, identity.size, identity.mtime_ns, priority, now, now, now,
+                 json.dumps(dict(overrides or {}))),
             )
             row = db.execute("SELECT * FROM jobs WHERE id=?", (cursor.lastrowid,)).fetchone()
         return self._job(row)
@@ -239,6 +248,30 @@ class SqliteJournal:
                     (now, now, row["id"]),
                 )
         return [self._job(r) for r in stale]
+
+    def requeue_failed(self, job_id: int, *, now: float) -> bool:
+        """Return True when a failed job is queued again as new (attempts reset); False if it cannot be.
+
+        False when the job is not failed, or when the same file already has an active job.
+        """
+        try:
+            with self._write() as db:
+                cursor = db.execute(
+                    "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=?, updated_at=?, owner=NULL,"
+                    " processing_path=NULL, published_at=NULL, disposed_path=NULL, finished_at=NULL,"
+                    " progress=NULL WHERE id=? AND state='failed'",
+                    (now, now, job_id),
+                )
+                return cursor.rowcount == 1
+        except sqlite3.IntegrityError:
+            return False  # the file is already queued again (it was moved back by hand)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Return the number of jobs per folder and state."""
+        counts: dict[str, dict[str, int]] = {}
+        for row in self._read("SELECT folder, state, COUNT(*) AS n FROM jobs GROUP BY folder, state"):
+            counts.setdefault(row["folder"], {})[row["state"]] = int(row["n"])
+        return counts
 
     def next_due_at(self, folders: Collection[str]) -> float | None:
         """Return when the earliest waiting job of these folders is due, or None."""

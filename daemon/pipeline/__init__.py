@@ -6,7 +6,6 @@ them and logs one event per stage. The CLI and the daemon's worker both call `pr
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,8 @@ from pathlib import Path
 import structlog
 
 from daemon.config import Rule, Settings
-from daemon.errors import JobCancelled, JobError
+from daemon.control import JobControl
+from daemon.errors import JobError
 from daemon.pipeline.extract import Audio, extract
 from daemon.pipeline.probe import AudioStream, MediaInfo, probe, select_stream
 from daemon.pipeline.publish import publish
@@ -35,14 +35,13 @@ class FileResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage → seconds
 
 
-def _cancellable(progress: Progress | None, cancel: threading.Event | None) -> Progress | None:
-    """Return a progress callback that also stops whisper between windows once cancel is set."""
-    if cancel is None:
+def _checked(progress: Progress | None, control: JobControl | None) -> Progress | None:
+    """Return a progress callback that also checks the job control after every whisper window."""
+    if control is None:
         return progress
 
     def report(fraction: float) -> None:
-        if cancel.is_set():
-            raise JobCancelled("transcription stopped: the job was cancelled")
+        control.check()
         if progress is not None:
             progress(fraction)
 
@@ -58,15 +57,15 @@ def process_file(
     target_dir: Path,
     stem: str | None = None,
     progress: Progress | None = None,
-    cancel: threading.Event | None = None,
+    control: JobControl | None = None,
 ) -> FileResult:
     """Return the result of running the whole pipeline on one file; outputs go to target_dir.
 
     Raises MediaError (permanent) or TransientError (retry later) with the stage filled in, and
-    JobCancelled when `cancel` is set (tools are killed; the progress callback checks it too).
+    JobCancelled once `control` is cancelled (tools are killed; whisper stops between windows).
     """
     try:
-        return _run_stages(source, rule, engine, settings, target_dir, stem, progress, cancel)
+        return _run_stages(source, rule, engine, settings, target_dir, stem, progress, control)
     except JobError as err:
         if err.path is None:
             err.path = source  # stages deeper down (publish, transcribe) do not know the file
@@ -81,27 +80,27 @@ def _run_stages(
     target_dir: Path,
     stem: str | None,
     progress: Progress | None,
-    cancel: threading.Event | None,
+    control: JobControl | None,
 ) -> FileResult:
     stem = stem if stem is not None else source.stem
     timings: dict[str, float] = {}
     bound = log.bind(file=str(source))
 
     started = time.monotonic()
-    media = probe(source, timeout_s=settings.probe_timeout, cancel=cancel)
+    media = probe(source, timeout_s=settings.probe_timeout, control=control)
     stream = select_stream(media, rule)
     timings["probe"] = time.monotonic() - started
     bound.debug("probed", stage="probe", format=media.format_name, duration_s=media.duration_s,
                 audio_streams=len(media.audio_streams), stream=stream.index, track_language=stream.language)
 
     started = time.monotonic()
-    audio: Audio = extract(media, stream, timeout_s=settings.extract_timeout, cancel=cancel)
+    audio: Audio = extract(media, stream, timeout_s=settings.extract_timeout, control=control)
     timings["extract"] = time.monotonic() - started
     bound.debug("extracted", stage="extract", duration_s=round(timings["extract"], 3),
                 audio_s=round(audio.duration_s, 3), offset_s=audio.offset_s)
 
     started = time.monotonic()
-    transcript = engine.transcribe(audio, rule, _cancellable(progress, cancel))
+    transcript = engine.transcribe(audio, rule, _checked(progress, control))
     timings["transcribe"] = time.monotonic() - started
     bound.info("transcribed", stage="transcribe", model=rule.model, task=rule.task,
                language=transcript.language, segments=len(transcript.segments),

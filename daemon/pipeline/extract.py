@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from daemon import proc
+from daemon.control import JobControl
 from daemon.errors import MediaError, ToolError, ToolTimeout, TransientError
 from daemon.pipeline.probe import AudioStream, MediaInfo
 
@@ -45,12 +45,12 @@ def extract_argv(path: Path, stream: AudioStream) -> tuple[str, ...]:
 
 
 def extract(
-    info: MediaInfo, stream: AudioStream, *, timeout_s: float = 3600.0, cancel: threading.Event | None = None
+    info: MediaInfo, stream: AudioStream, *, timeout_s: float = 3600.0, control: JobControl | None = None
 ) -> Audio:
     """Return the stream's audio; raise MediaError when ffmpeg cannot decode it."""
     argv = extract_argv(info.path, stream)
     try:
-        result = proc.run(argv, timeout_s=timeout_s, cancel=cancel)
+        result = proc.run(argv, timeout_s=timeout_s, control=control)
     except ToolTimeout as err:
         raise TransientError.from_tool(str(err), err, path=info.path, stage=STAGE) from err
     except ToolError as err:

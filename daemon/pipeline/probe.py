@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon import proc
 from daemon.config import Rule
+from daemon.control import JobControl
 from daemon.errors import MediaError, ToolError, ToolTimeout, TransientError
 from daemon.languages import language_from_tag
 
@@ -89,7 +89,7 @@ def parse_probe(path: Path, data: dict) -> MediaInfo:  # type: ignore[type-arg]
     return info
 
 
-def probe(path: Path, *, timeout_s: float = 60.0, cancel: threading.Event | None = None) -> MediaInfo:
+def probe(path: Path, *, timeout_s: float = 60.0, control: JobControl | None = None) -> MediaInfo:
     """Return the media facts of a file; raise MediaError when it is empty, unreadable or silent."""
     try:
         size = path.stat().st_size
@@ -101,7 +101,7 @@ def probe(path: Path, *, timeout_s: float = 60.0, cancel: threading.Event | None
         raise MediaError("the file is empty (0 bytes)", path=path, stage=STAGE)
     argv = probe_argv(path)
     try:
-        result = proc.run(argv, timeout_s=timeout_s, cancel=cancel)
+        result = proc.run(argv, timeout_s=timeout_s, control=control)
     except ToolTimeout as err:
         raise TransientError.from_tool(str(err), err, path=path, stage=STAGE) from err
     except ToolError as err:

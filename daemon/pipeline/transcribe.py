@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from daemon.config import Rule
-from daemon.errors import TransientError
+from daemon.errors import GpuFault, TransientError
 from daemon.languages import language_from_tag
 from daemon.models import ModelRegistry
 from daemon.pipeline.extract import Audio
@@ -129,6 +129,15 @@ def decode_options(rule: Rule, audio: Audio, *, fp16: bool) -> dict[str, Any]:
     return options
 
 
+def is_cuda_fault(err: BaseException) -> bool:
+    """Return True for a CUDA runtime error; torch reports those as RuntimeError("CUDA error: …")."""
+    accelerator_error = getattr(__import__("torch"), "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(err, accelerator_error):
+        return True
+    text = str(err)
+    return "CUDA error" in text or "CUBLAS_STATUS" in text or "CUDNN_STATUS" in text
+
+
 class _ProgressBar:
     """Stands in for the tqdm bar inside whisper.transcribe and forwards frames done as a fraction."""
 
@@ -175,6 +184,10 @@ class WhisperEngine:
             except torch.cuda.OutOfMemoryError as err:
                 torch.cuda.empty_cache()
                 raise TransientError(f"GPU out of memory: {err}", stage=STAGE) from err
+            except RuntimeError as err:
+                if is_cuda_fault(err):
+                    raise GpuFault(f"CUDA error while transcribing: {err}") from err
+                raise
             finally:
                 module.tqdm = saved  # type: ignore[attr-defined]
                 _ProgressBar.current = None

@@ -1,0 +1,63 @@
+"""A running job's stop button and pulse, shared by the worker, the pipeline stages and the service.
+
+Stages call `check()` between units of work (every poll of ffmpeg, every whisper window): it
+records a heartbeat and raises JobCancelled once a stop was asked for. The service pings systemd's
+watchdog only while the heartbeat is fresh, so a hung worker, not just a hung main thread, gets
+the process restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+from daemon.errors import JobCancelled
+
+KEEPALIVE_EVERY_S = 1.0
+
+
+class JobControl:
+    """Cancellation and liveness for the worker thread."""
+
+    def __init__(self) -> None:
+        self._cancel = threading.Event()
+        self.last_beat = time.monotonic()
+
+    @property
+    def cancelled(self) -> bool:
+        """Return True once a stop was asked for."""
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next check."""
+        self._cancel.set()
+
+    def beat(self) -> None:
+        """Record that the worker is making progress."""
+        self.last_beat = time.monotonic()
+
+    def check(self) -> None:
+        """Record a heartbeat; raise JobCancelled if a stop was asked for."""
+        self.beat()
+        if self._cancel.is_set():
+            raise JobCancelled("the job was cancelled")
+
+    @contextlib.contextmanager
+    def keepalive(self) -> Iterator[None]:
+        """Beat on a side thread during one long step with no checks of its own (a model download)."""
+        done = threading.Event()
+
+        def pulse() -> None:
+            while not done.wait(KEEPALIVE_EVERY_S):
+                self.beat()
+
+        thread = threading.Thread(target=pulse, name="keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self.beat()
