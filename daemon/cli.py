@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,12 @@ from daemon.config import (
     json_schema,
     load_config,
     parse_config,
+    parse_duration,
 )
 from daemon.errors import ConfigError, JobError, ModelError
+from daemon.journal import JobState
 from daemon.models import ModelRegistry, is_checkpoint_path
+from daemon.operations import OperationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -91,6 +96,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
     t.add_argument("--log-format", choices=["auto", "json", "console"])
 
+    default_config = Path("/etc/whisperd/config.yaml")
+    config_help = f"the daemon's config file (default {default_config})"
+
+    s = sub.add_parser("status", help="per-folder counts, the running job with progress and ETA, recent failures")
+    s.add_argument("--config", "-c", type=Path, default=default_config, help=config_help)
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    j = sub.add_parser("jobs", help="list jobs from the journal")
+    j.add_argument("--config", "-c", type=Path, default=default_config, help=config_help)
+    j.add_argument("--state", action="append", default=[], choices=[s.value for s in JobState],
+                   help="only jobs in this state (repeatable)")
+    j.add_argument("--since", type=_since, help="only jobs updated since: a duration ago (2h, 30m) or an ISO time")
+    j.add_argument("--folder", help="only this folder's jobs")
+    j.add_argument("--json", action="store_true", help="print JSON")
+
+    rt = sub.add_parser("retry", help="queue failed jobs again, moving their originals back into the inbox")
+    rt.add_argument("selectors", nargs="*", metavar="JOB|PATH",
+                    help="job ids, failed originals, or inbox-relative paths")
+    rt.add_argument("--folder", help="retry every failed job of this folder (or only those named)")
+    rt.add_argument("--config", "-c", type=Path, default=default_config, help=config_help)
+
+    e = sub.add_parser("enqueue", help="queue files now, without waiting for the watcher (batch runs)")
+    e.add_argument("paths", nargs="*", type=Path, metavar="PATH")
+    e.add_argument("--list", type=Path, metavar="FILE",
+                   help='paths one per line, or JSON lines like {"path": "…", "task": "translate", "language": "fr"}')
+    e.add_argument("--folder", help="copy files from outside every inbox into this folder's inbox")
+    e.add_argument("--config", "-c", type=Path, default=default_config, help=config_help)
+
     c = sub.add_parser("check-config", help="validate a config file and print each folder's resolved rules")
     c.add_argument("config", type=Path, metavar="FILE")
 
@@ -105,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": cmd_run,
         "transcribe": cmd_transcribe,
         "check-config": cmd_check_config,
+        "status": cmd_status,
+        "jobs": cmd_jobs,
+        "retry": cmd_retry,
+        "enqueue": cmd_enqueue,
         "config-schema": cmd_config_schema,
     }[args.command]
     try:
@@ -112,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"whisperd: invalid configuration: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OperationError as err:
+        print(f"whisperd: {err}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -119,6 +159,76 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service import Service
 
     return Service(args.config).run()
+
+
+def _since(value: str) -> float:
+    try:
+        return time.time() - float(parse_duration(value))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a duration (2h, 30m) or ISO time: {value!r}") from err
+    return (moment if moment.tzinfo else moment.astimezone()).timestamp()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the daemon's state from its journal."""
+    from daemon import operations
+
+    config = load_config(args.config)
+    journal = operations.open_journal(config)
+    report = operations.status_report(config, journal)
+    print(json.dumps(report, indent=2) if args.json else operations.format_status(report))
+    return EXIT_OK
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List jobs from the journal."""
+    from daemon import operations
+
+    config = load_config(args.config)
+    journal = operations.open_journal(config)
+    jobs = operations.list_jobs(journal, states=args.state, since=args.since, folder=args.folder)
+    if args.json:
+        now = time.time()
+        print(json.dumps([operations.job_view(j, now) for j in jobs], indent=2))
+    elif jobs:
+        print(operations.format_jobs(jobs))
+    return EXIT_OK
+
+
+def _report(outcome: Any, verb: str) -> int:
+    for line in outcome.done:
+        print(f"{verb}: {line}")
+    for line in outcome.skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    return EXIT_OK if not outcome.skipped else EXIT_FAILED
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Queue failed jobs again."""
+    from daemon import operations
+
+    config = load_config(args.config)
+    journal = operations.open_journal(config)
+    return _report(operations.retry_failed(config, journal, args.selectors, folder=args.folder), "queued again")
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    """Queue files now."""
+    from daemon import operations
+
+    items = [operations.EnqueueItem(p) for p in args.paths]
+    if args.list:
+        text = sys.stdin.read() if str(args.list) == "-" else args.list.read_text(encoding="utf-8")
+        items += operations.read_list(text)
+    if not items:
+        raise operations.OperationError("name files to queue, or --list FILE")
+    config = load_config(args.config)
+    journal = operations.open_journal(config)
+    return _report(operations.enqueue(config, journal, items, folder=args.folder), "queued")
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ log = structlog.get_logger("whisperd")
 EXIT_GPU_FAULT = 3
 TICK_S = 0.25  # how often settled files are handed from the watchers to the journal
 IDLE_POLL_S = 2.0  # an idle worker looks at the journal at least this often (other instances)
+HEARTBEAT_IDLE_S = 0.25  # an idle worker still beats this often
 STATUS_EVERY_S = 1.0  # how often systemd's STATUS= line is refreshed (sent only when it changed)
 MODEL_LOAD_EXTENSION_S = 900  # EXTEND_TIMEOUT_USEC granted per model loaded before READY=1
 # Test-only switch: while the file named here exists, the worker loop hangs without a heartbeat,
@@ -250,8 +251,16 @@ class Service:
             if job is None and not self._stop.is_set():
                 due = self.journal.next_due_at(list(self.config.folders))
                 wait = IDLE_POLL_S if due is None else min(max(due - time.time(), 0.01), IDLE_POLL_S)
-                self._wake.wait(wait)
-                self._wake.clear()
+                self._idle(wait)
+
+    def _idle(self, seconds: float) -> None:
+        """Wait for work (a wake-up or `seconds`), beating meanwhile: an idle worker is a live one."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.worker.control.beat()
+            if self._wake.wait(min(left, HEARTBEAT_IDLE_S)):
+                break
+        self._wake.clear()
 
     # -- signals, reload, stop -----------------------------------------------------------------
 

@@ -309,8 +309,8 @@ def error_report(
         lines += ["  " + line for line in "".join(traceback.format_exception(err)).splitlines()]
     lines += [
         "",
-        f"To try again: fix the cause, then move {target.name} back into the inbox",
-        f"({layout.inbox_path(folder, job.rel_path)}) and delete this report.",
+        f"To try again: fix the cause, then run `whisperd retry {job.id}` (or move {target.name}",
+        f"back into the inbox as {layout.inbox_path(folder, job.rel_path)} and delete this report).",
         "",
     ]
     return "\n".join(lines)

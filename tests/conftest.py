@@ -10,6 +10,7 @@ import media
 import pytest
 import structlog
 import yaml
+from daemon_harness import Daemon
 from make_test_checkpoint import make_checkpoint
 
 from daemon.config import Config, Rule, parse_config
@@ -114,3 +115,46 @@ class MediaSet:
 def media_set(tmp_path_factory: pytest.TempPathFactory) -> MediaSet:
     """The session's test media (read-only by convention: copy before moving one)."""
     return MediaSet(tmp_path_factory.mktemp("media"))
+
+
+DAEMON_OUTPUTS = ("srt", "txt")
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path, checkpoint: Path) -> Callable[..., Daemon]:
+    """Return a factory of daemons on tmp_path with one folder 'media' and fast decoding."""
+    daemons: list[Daemon] = []
+
+    def make(folder: dict[str, Any] | None = None, **top: Any) -> Daemon:
+        data: dict[str, Any] = {
+            "state_dir": str(tmp_path / "state"),
+            "model_dir": str(tmp_path / "models"),
+            "device": "cpu",
+            "torch_threads": 1,
+            "log_format": "json",
+            "rescan_interval": 3600,
+            "shutdown_grace": 10,
+            "defaults": {"model": str(checkpoint), **FAST_DECODE, "sample_len": 8,
+                         "output_formats": list(DAEMON_OUTPUTS), "retry_base_delay": 0.3, "retry_max_delay": 2},
+            "folders": [{
+                "name": "media",
+                "inbox": str(tmp_path / "inbox"),
+                "outbox": str(tmp_path / "outbox"),
+                "archive": str(tmp_path / "archive"),
+                "failed": str(tmp_path / "failed"),
+                "stability_delay": 0.5,
+                **(folder or {}),
+            }],
+        }  # fmt: skip
+        data.update(top)
+        for entry in data["folders"]:
+            Path(entry["inbox"]).mkdir(parents=True, exist_ok=True)
+        daemon = Daemon(tmp_path, data)
+        daemons.append(daemon)
+        return daemon
+
+    yield make  # type: ignore[misc]
+    for daemon in daemons:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()

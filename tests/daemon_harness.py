@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,3 +146,12 @@ def files_under(root: Path) -> list[str]:
     if not root.exists():
         return []
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def drop_file(source: Path, target: Path) -> Path:
+    """Copy a file into an inbox the way a copy tool does: to a .part name, then rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    shutil.copyfile(source, part)
+    os.rename(part, target)
+    return target

@@ -8,67 +8,17 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import media
 import pytest
-from conftest import FAST_DECODE, MediaSet
-from daemon_harness import Daemon, files_under
+from conftest import DAEMON_OUTPUTS as OUTPUTS
+from conftest import MediaSet
+from daemon_harness import Daemon, drop_file, files_under
 
 from daemon.journal import JobState
 
 pytestmark = pytest.mark.slow
 
-OUTPUTS = ("srt", "txt")
-
-
-@pytest.fixture
-def make_daemon(tmp_path: Path, checkpoint: Path) -> Callable[..., Daemon]:
-    """Return a factory of daemons on tmp_path with one folder 'media' and fast decoding."""
-    daemons: list[Daemon] = []
-
-    def make(folder: dict[str, Any] | None = None, **top: Any) -> Daemon:
-        data: dict[str, Any] = {
-            "state_dir": str(tmp_path / "state"),
-            "model_dir": str(tmp_path / "models"),
-            "device": "cpu",
-            "torch_threads": 1,
-            "log_format": "json",
-            "rescan_interval": 3600,
-            "shutdown_grace": 10,
-            "defaults": {"model": str(checkpoint), **FAST_DECODE, "sample_len": 8,
-                         "output_formats": list(OUTPUTS), "retry_base_delay": 0.3, "retry_max_delay": 2},
-            "folders": [{
-                "name": "media",
-                "inbox": str(tmp_path / "inbox"),
-                "outbox": str(tmp_path / "outbox"),
-                "archive": str(tmp_path / "archive"),
-                "failed": str(tmp_path / "failed"),
-                "stability_delay": 0.5,
-                **(folder or {}),
-            }],
-        }  # fmt: skip
-        data.update(top)
-        for entry in data["folders"]:
-            Path(entry["inbox"]).mkdir(parents=True, exist_ok=True)
-        daemon = Daemon(tmp_path, data)
-        daemons.append(daemon)
-        return daemon
-
-    yield make  # type: ignore[misc]
-    for daemon in daemons:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
-
-
-def _drop(source: Path, target: Path) -> Path:
-    """Copy a file into an inbox the way a copy tool does: to a .part name, then rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    shutil.copyfile(source, part)
-    os.rename(part, target)
-    return target
 
 
 def _inotify_instances(pid: int) -> int:
@@ -153,7 +103,7 @@ def test_poll_mode_uses_no_inotify_and_rescan_finds_missed_files(
     shutil.copyfile(media_set.speech_mp4, daemon.folder("inbox") / "before-start.mp4")
     daemon.start()
     assert _inotify_instances(daemon.pid) == 0
-    _drop(media_set.speech_mp4, daemon.folder("inbox") / "sub" / "while-running.mp4")
+    drop_file(media_set.speech_mp4, daemon.folder("inbox") / "sub" / "while-running.mp4")
     daemon.wait_done(2)
     assert sorted(j.rel_path for j in daemon.jobs()) == ["before-start.mp4", "sub/while-running.mp4"]
     assert _inotify_instances(daemon.pid) == 0
@@ -165,7 +115,7 @@ def test_periodic_rescan_picks_up_what_no_watcher_reported(
 ) -> None:
     """With the poller effectively off (1 h interval), the periodic rescan still finds a new file."""
     daemon = make_daemon({"watch": "poll", "poll_interval": 3600}, rescan_interval=1).start()
-    _drop(media_set.speech_mp4, daemon.folder("inbox") / "missed.mp4")
+    drop_file(media_set.speech_mp4, daemon.folder("inbox") / "missed.mp4")
     daemon.wait_done(1, timeout=30)
     assert files_under(daemon.folder("outbox")) == ["missed.srt", "missed.txt"]
     assert daemon.stop() == 0
@@ -180,7 +130,7 @@ def test_kill_9_mid_job_then_restart_completes_once(
     daemon.data["defaults"]["sample_len"] = 32
     daemon.write_config(daemon.data)
     daemon.start()
-    _drop(long_clip, daemon.folder("inbox") / "lecture.wav")
+    drop_file(long_clip, daemon.folder("inbox") / "lecture.wav")
     daemon.wait_for(
         lambda: any(j.state == JobState.RUNNING and j.processing_path for j in daemon.jobs()),
         30, "the job to be running",
@@ -205,8 +155,8 @@ def test_not_media_fails_on_first_attempt_while_others_flow(
     """A text file named .mp4 goes to failed/ with an error file at once; a good file beside it is done."""
     daemon = make_daemon().start()
     inbox = daemon.folder("inbox")
-    _drop(media_set.not_media, inbox / "docs" / "notes.mp4")
-    _drop(media_set.speech_mp4, inbox / "docs" / "talk.mp4")
+    drop_file(media_set.not_media, inbox / "docs" / "notes.mp4")
+    drop_file(media_set.speech_mp4, inbox / "docs" / "talk.mp4")
     jobs = {j.rel_path: j for j in daemon.wait_done(2)}
     bad, good = jobs["docs/notes.mp4"], jobs["docs/talk.mp4"]
     assert (bad.state, bad.attempts, bad.last_stage) == (JobState.FAILED, 1, "probe")
@@ -232,7 +182,7 @@ def test_transient_fault_is_retried_until_the_outbox_recovers(
     daemon.data["defaults"]["max_attempts"] = 20
     daemon.write_config(daemon.data)
     daemon.start()
-    _drop(media_set.speech_mp4, daemon.folder("inbox") / "talk.mp4")
+    drop_file(media_set.speech_mp4, daemon.folder("inbox") / "talk.mp4")
     daemon.wait_for(lambda: len(daemon.events("job_retry")) >= 3, 30, "three retries")
     retries = daemon.events("job_retry")
     assert [e["attempts"] for e in retries[:3]] == [1, 2, 3]
@@ -254,7 +204,7 @@ def test_transient_fault_exhausts_attempts_into_failed(
     daemon = make_daemon({"max_attempts": 2})
     daemon.folder("outbox").write_text("not a directory")
     daemon.start()
-    _drop(media_set.speech_mp4, daemon.folder("inbox") / "talk.mp4")
+    drop_file(media_set.speech_mp4, daemon.folder("inbox") / "talk.mp4")
     [job] = daemon.wait_done(1, timeout=30)
     assert (job.state, job.attempts) == (JobState.FAILED, 2)
     report = (daemon.folder("failed") / "talk.mp4.error.txt").read_text()
@@ -275,7 +225,7 @@ def test_sighup_adds_a_folder_and_a_broken_config_keeps_the_old_one(
     daemon.write_config(data)
     daemon.signal(signal.SIGHUP)
     daemon.wait_for(lambda: daemon.event("reloaded"), 20, "the reload")
-    _drop(media_set.speech_mp4, daemon.folder("inbox", "second") / "new.mp4")
+    drop_file(media_set.speech_mp4, daemon.folder("inbox", "second") / "new.mp4")
     daemon.wait_done(1)
     assert files_under(daemon.folder("outbox", "second")) == ["new.srt", "new.txt"]
 
@@ -285,7 +235,7 @@ def test_sighup_adds_a_folder_and_a_broken_config_keeps_the_old_one(
     failure = daemon.wait_for(lambda: daemon.event("reload_failed"), 20, "the failed reload")
     assert any(p.startswith("device:") for p in failure["problems"])
     assert any(p.startswith("folders[2].inbox") for p in failure["problems"])
-    _drop(media_set.speech_mp4, daemon.folder("inbox") / "still-working.mp4")
+    drop_file(media_set.speech_mp4, daemon.folder("inbox") / "still-working.mp4")
     daemon.wait_done(2)
     assert "still-working.srt" in files_under(daemon.folder("outbox"))
     assert daemon.stop() == 0
@@ -300,7 +250,7 @@ def test_sigterm_during_a_job_exits_zero_and_loses_nothing(
     daemon.data["defaults"]["sample_len"] = 224  # every window decodes its longest: a job of several seconds
     daemon.write_config(daemon.data)
     daemon.start()
-    _drop(long_clip, daemon.folder("inbox") / "long.wav")
+    drop_file(long_clip, daemon.folder("inbox") / "long.wav")
     daemon.wait_for(lambda: any(j.state == JobState.RUNNING and (j.progress or 0) > 0 for j in daemon.jobs()),
                     60, "the job to make progress")
     started = time.monotonic()
@@ -322,7 +272,7 @@ def test_keep_leaves_the_original_and_does_not_reprocess_it(
 ) -> None:
     """on_success: keep leaves the file in the inbox; rescans and restarts do not process it again."""
     daemon = make_daemon({"on_success": "keep"}, rescan_interval=0.5).start()
-    _drop(media_set.speech_mp4, daemon.folder("inbox") / "talk.mp4")
+    drop_file(media_set.speech_mp4, daemon.folder("inbox") / "talk.mp4")
     daemon.wait_done(1)
     time.sleep(2)  # several rescans see the file again
     assert daemon.stop() == 0

@@ -1,0 +1,301 @@
+"""Operator commands that work beside a running daemon: they read and write its journal.
+
+`status`, `jobs`, `retry` and `enqueue` share the daemon's journal file (SQLite in WAL mode lets a
+reader in while the daemon writes; writes take the same immediate transactions as the daemon's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from daemon import layout
+from daemon.config import Config, Folder
+from daemon.errors import WhisperdError
+from daemon.fsutil import durable_move, free_name, temp_name
+from daemon.journal import FileIdentity, Job, JobState
+from daemon.journal.sqlite import SqliteJournal
+
+RECENT_FAILURES = 10
+QUEUE_SHOWN = 20
+
+
+class OperationError(WhisperdError):
+    """An operator command cannot do what was asked; the message says why."""
+
+
+def open_journal(config: Config) -> SqliteJournal:
+    """Return the daemon's journal; raise OperationError if the daemon never created one."""
+    path = config.settings.state_dir / "journal.sqlite3"
+    if not path.exists():
+        raise OperationError(f"no journal at {path}: has whisperd run with this config?")
+    return SqliteJournal(path)
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds") if ts else None
+
+
+def job_view(job: Job, now: float) -> dict[str, Any]:
+    """Return a job as plain JSON-able data, with elapsed time and ETA while it runs."""
+    view: dict[str, Any] = {
+        "id": job.id, "folder": job.folder, "path": job.rel_path, "state": job.state.value,
+        "attempts": job.attempts, "created_at": _iso(job.created_at), "updated_at": _iso(job.updated_at),
+    }  # fmt: skip
+    if job.state == JobState.RUNNING:
+        elapsed = max(now - (job.started_at or now), 0.0)
+        progress = job.progress or 0.0
+        view |= {"progress": round(progress, 3), "elapsed_s": round(elapsed, 1), "owner": job.owner,
+                 "eta_s": round(elapsed / progress * (1 - progress), 1) if progress >= 0.02 else None}
+    if job.state == JobState.RETRY_WAIT:
+        view["next_attempt_at"] = _iso(job.next_attempt_at)
+    if job.last_error:
+        view |= {"error": job.last_error, "stage": job.last_stage}
+    if job.state == JobState.FAILED:
+        view |= {"original": job.disposed_path, "finished_at": _iso(job.finished_at)}
+    if job.state == JobState.DONE:
+        view |= {"outputs": list(job.outputs), "original": job.disposed_path, "finished_at": _iso(job.finished_at)}
+    return view
+
+
+def status_report(config: Config, journal: SqliteJournal, now: float | None = None) -> dict[str, Any]:
+    """Return per-folder counts by state, running jobs with progress and ETA, the queue, recent failures."""
+    now = time.time() if now is None else now
+    counts = journal.counts()
+    states = [s.value for s in JobState]
+    folders = {name: {s: counts.get(name, {}).get(s, 0) for s in states} for name in config.folders}
+    for name, by_state in counts.items():  # folders removed from the config but still in the journal
+        folders.setdefault(name, {s: by_state.get(s, 0) for s in states})
+    waiting = journal.jobs([JobState.QUEUED, JobState.RETRY_WAIT])
+    failed = journal.jobs([JobState.FAILED])
+    return {
+        "folders": folders,
+        "running": [job_view(j, now) for j in journal.jobs([JobState.RUNNING])],
+        "queue": [job_view(j, now) for j in sorted(waiting, key=lambda j: (-j.priority, j.next_attempt_at))][
+            :QUEUE_SHOWN
+        ],
+        "queued": len(waiting),
+        "recent_failures": [job_view(j, now) for j in sorted(failed, key=lambda j: -(j.finished_at or 0))][
+            :RECENT_FAILURES
+        ],
+    }
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """Return the status report as text for a terminal."""
+    lines = []
+    for name, counts in report["folders"].items():
+        summary = ", ".join(f"{n} {state}" for state, n in counts.items() if n) or "no jobs"
+        lines.append(f"{name}: {summary}")
+    for job in report["running"]:
+        eta = f", about {_duration(job['eta_s'])} left" if job.get("eta_s") is not None else ""
+        lines.append(f"running: #{job['id']} {job['folder']}/{job['path']} {round(job['progress'] * 100)}%{eta}")
+    if not report["running"]:
+        lines.append("running: nothing")
+    lines.append(f"queued: {report['queued']}")
+    for job in report["queue"]:
+        when = f" (retry at {job['next_attempt_at']})" if job["state"] == "retry_wait" else ""
+        lines.append(f"  #{job['id']} {job['folder']}/{job['path']}{when}")
+    if report["recent_failures"]:
+        lines.append("recent failures:")
+        for job in report["recent_failures"]:
+            lines.append(f"  #{job['id']} {job['folder']}/{job['path']} [{job.get('stage')}]: {job.get('error')}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def list_jobs(
+    journal: SqliteJournal, *, states: Sequence[str] = (), since: float | None = None, folder: str | None = None
+) -> list[Job]:
+    """Return jobs filtered by state, last update time and folder, oldest first."""
+    jobs = journal.jobs([JobState(s) for s in states] if states else None)
+    return [
+        j for j in jobs
+        if (since is None or j.updated_at >= since) and (folder is None or j.folder == folder)
+    ]  # fmt: skip
+
+
+def format_jobs(jobs: Iterable[Job]) -> str:
+    """Return one line per job: id, state, folder/path, attempts, last update, error."""
+    lines = []
+    for job in jobs:
+        updated = datetime.fromtimestamp(job.updated_at).strftime("%Y-%m-%d %H:%M:%S")
+        error = f"  {job.last_error}" if job.last_error and job.state != JobState.DONE else ""
+        where = f"{job.folder}/{job.rel_path}"
+        lines.append(f"{job.id:>6}  {job.state.value:<10}  {updated}  {job.attempts}  {where}{error}")
+    return "\n".join(lines)
+
+
+@dataclass
+class Outcome:
+    """What an operator command did with each item it was given."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def retry_failed(
+    config: Config, journal: SqliteJournal, selectors: Sequence[str], *, folder: str | None = None
+) -> Outcome:
+    """Move failed originals back into their inboxes and queue their jobs again, attempts reset.
+
+    Selectors are job ids, paths of failed originals, or inbox-relative paths; with none, every
+    failed job of `folder`.
+    """
+    if not selectors and folder is None:
+        raise OperationError("name the jobs or files to retry, or --folder NAME for all its failures")
+    if folder is not None and folder not in config.folders:
+        raise OperationError(f"no folder named {folder!r} in the config")
+    failed = [j for j in journal.jobs([JobState.FAILED]) if folder is None or j.folder == folder]
+    if selectors:
+        chosen, unknown = _select(failed, selectors)
+        if unknown:
+            raise OperationError(f"no failed job matches: {', '.join(unknown)}")
+    else:
+        chosen = failed
+    outcome = Outcome()
+    for job in chosen:
+        label = f"#{job.id} {job.folder}/{job.rel_path}"
+        target_folder = config.folders.get(job.folder)
+        if target_folder is None:
+            outcome.skipped.append(f"{label}: its folder is no longer configured")
+            continue
+        original = Path(job.disposed_path) if job.disposed_path else None
+        if original is None or not os.path.lexists(original):
+            outcome.skipped.append(f"{label}: the original is no longer at {original}")
+            continue
+        target = layout.inbox_path(target_folder, job.rel_path)
+        if os.path.lexists(target):
+            outcome.skipped.append(f"{label}: {target} is taken by another file")
+            continue
+        durable_move(original, target)
+        layout.error_file(original).unlink(missing_ok=True)
+        if journal.requeue_failed(job.id, now=time.time()):
+            outcome.done.append(label)
+        else:
+            outcome.skipped.append(f"{label}: moved back to the inbox; the daemon queues it as a new arrival")
+    return outcome
+
+
+def _select(jobs: list[Job], selectors: Sequence[str]) -> tuple[list[Job], list[str]]:
+    chosen: dict[int, Job] = {}
+    unknown = []
+    for selector in selectors:
+        matches = [
+            j for j in jobs
+            if (selector.isdigit() and j.id == int(selector))
+            or selector == j.rel_path
+            or (j.disposed_path and Path(selector).resolve() == Path(j.disposed_path))
+        ]  # fmt: skip
+        if not matches:
+            unknown.append(selector)
+        chosen.update((j.id, j) for j in matches)
+    return list(chosen.values()), unknown
+
+
+@dataclass(frozen=True)
+class EnqueueItem:
+    """One file to queue, with rule fields for it alone (task, language, …)."""
+
+    path: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def read_list(text: str) -> list[EnqueueItem]:
+    """Return the items of an enqueue list: one path per line, or JSON lines with a "path" key."""
+    items = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise OperationError(f"line {number}: not valid JSON: {err.msg}") from err
+            if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+                raise OperationError(f'line {number}: a JSON line needs a "path" string')
+            path = data.pop("path")
+            items.append(EnqueueItem(Path(path), data))
+        else:
+            items.append(EnqueueItem(Path(line)))
+    return items
+
+
+def _owning_folder(config: Config, path: Path) -> Folder | None:
+    for folder in config.folders.values():
+        inbox = folder.inbox.resolve()
+        if inbox in path.parents:
+            return folder
+    return None
+
+
+def enqueue(
+    config: Config, journal: SqliteJournal, items: Sequence[EnqueueItem], *, folder: str | None = None
+) -> Outcome:
+    """Queue files now, without waiting for the watcher; a file outside every inbox is copied into
+    `folder`'s inbox first. Per-item overrides are validated against that file's rule."""
+    if folder is not None and folder not in config.folders:
+        raise OperationError(f"no folder named {folder!r} in the config")
+    problems = []
+    plans = []
+    for item in items:
+        path = Path(os.path.abspath(item.path))
+        if not path.is_file() or path.is_symlink():
+            problems.append(f"{item.path}: not a regular file")
+            continue
+        owner = _owning_folder(config, path)
+        if owner is None and folder is None:
+            problems.append(f"{item.path}: outside every inbox; give --folder NAME to copy it into one")
+            continue
+        target_folder = owner or config.folders[folder]  # type: ignore[index]
+        rel = path.relative_to(target_folder.inbox.resolve()).as_posix() if owner else path.name
+        if owner is not None and not target_folder.accepts(rel):
+            problems.append(f"{item.path}: the folder's include/exclude rules or built-in ignores skip it")
+            continue
+        try:
+            rule = config.rule_for(target_folder.name, rel).with_overrides(item.overrides)
+        except ValueError as err:
+            problems.append(f"{item.path}: {err}")
+            continue
+        if rule.problems():
+            problems.append(f"{item.path}: {'; '.join(rule.problems())}")
+            continue
+        plans.append((path, target_folder, rel, item.overrides, owner is None))
+    if problems:
+        raise OperationError("nothing was queued:\n  " + "\n  ".join(problems))
+
+    outcome = Outcome()
+    for path, target_folder, rel, overrides, copy in plans:
+        if copy:
+            # Copy under a hidden name the watcher ignores, then rename: it never sees half a file.
+            target = free_name(layout.inbox_path(target_folder, rel))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_name(target)
+            shutil.copy2(path, tmp)
+            os.replace(tmp, target)
+            rel = target.relative_to(target_folder.inbox).as_posix()
+            path = target
+        st = path.stat()
+        job = journal.enqueue(
+            FileIdentity(target_folder.name, rel, st.st_size, st.st_mtime_ns),
+            priority=target_folder.priority, now=time.time(), skip_if_done=False, overrides=overrides,
+        )
+        label = f"{target_folder.name}/{rel}"
+        if job is None:
+            outcome.skipped.append(f"{label}: already queued")
+        else:
+            outcome.done.append(f"#{job.id} {label}" + (f" {json.dumps(overrides)}" if overrides else ""))
+    return outcome
