@@ -25,7 +25,7 @@ from daemon.config import (
     parse_config,
     parse_duration,
 )
-from daemon.errors import ConfigError, JobError, ModelError
+from daemon.errors import ConfigError, JobError, ModelError, ToolMissing
 from daemon.journal import JobState
 from daemon.models import ModelRegistry, is_checkpoint_path
 from daemon.operations import OperationError
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"whisperd: invalid configuration: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except OperationError as err:
+    except (OperationError, ToolMissing, ModelError) as err:
         print(f"whisperd: {err}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -178,7 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from daemon import operations
 
     config = load_config(args.config)
-    journal = operations.open_journal(config)
+    journal = operations.open_daemon_journal(config)
     report = operations.status_report(config, journal)
     print(json.dumps(report, indent=2) if args.json else operations.format_status(report))
     return EXIT_OK
@@ -189,7 +189,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from daemon import operations
 
     config = load_config(args.config)
-    journal = operations.open_journal(config)
+    journal = operations.open_daemon_journal(config)
     jobs = operations.list_jobs(journal, states=args.state, since=args.since, folder=args.folder)
     if args.json:
         now = time.time()
@@ -212,7 +212,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from daemon import operations
 
     config = load_config(args.config)
-    journal = operations.open_journal(config)
+    journal = operations.open_daemon_journal(config)
     return _report(operations.retry_failed(config, journal, args.selectors, folder=args.folder), "queued again")
 
 
@@ -227,7 +227,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     if not items:
         raise operations.OperationError("name files to queue, or --list FILE")
     config = load_config(args.config)
-    journal = operations.open_journal(config)
+    journal = operations.open_daemon_journal(config)
     return _report(operations.enqueue(config, journal, items, folder=args.folder), "queued")
 
 
@@ -298,7 +298,7 @@ def cmd_transcribe(args: argparse.Namespace, registry: ModelRegistry | None = No
     for source in args.files:
         base = config.rule_for(args.folder, source.name) if args.folder else config.defaults
         try:
-            rule = Rule.model_validate({**base.model_dump(), **overrides})
+            rule = base.with_overrides(overrides)
         except ValueError as err:
             print(f"whisperd: {err}", file=sys.stderr)
             return EXIT_USAGE

@@ -113,7 +113,9 @@ ConfigPath = Annotated[Path, BeforeValidator(_resolve_path)]
 
 def _resolve_model(value: Any, info: ValidationInfo) -> Any:
     """Leave a model name alone; make a checkpoint path absolute like any other config path."""
-    if isinstance(value, str) and (value.endswith(".pt") or "/" in value):
+    from daemon.models import is_checkpoint_path
+
+    if isinstance(value, str) and is_checkpoint_path(value):
         return str(_resolve_path(value, info))
     return value
 
@@ -228,7 +230,7 @@ class Folder(_RuleOverrides):  # type: ignore[misc,valid-type]
     archive: ConfigPath | None = Field(None, description="originals go here after success (needed when on_success is 'archive')")
     failed: ConfigPath = Field(description="originals that cannot be processed go here, each with <name>.error.txt")
     watch: Literal["events", "poll"] = Field("events", description="'events' (inotify, local disks) or 'poll' (SMB/NFS shares, where inotify misses other machines' writes)")
-    poll_interval: Seconds = Field(10.0, description="seconds between polls when watch is 'poll'")
+    poll_interval: Seconds = Field(10.0, gt=0, description="seconds between polls when watch is 'poll'")
     stability_delay: Seconds = Field(5.0, description="a file is ready when untouched this long and its size and mtime hold")
     include: tuple[str, ...] = Field(("*",), description="globs a file must match (relative path, case-insensitive)")
     exclude: tuple[str, ...] = Field((), description="globs that skip a file, on top of the built-in ignores (dotfiles, *.part, …)")
@@ -239,13 +241,13 @@ class Folder(_RuleOverrides):  # type: ignore[misc,valid-type]
 
     def overrides(self) -> dict[str, Any]:
         """Return the rule fields this folder sets itself."""
-        return {k: getattr(self, k) for k in self.model_fields_set if k in RULE_FIELDS}
+        return _rule_overrides(self)
 
     @staticmethod
     def builtin_ignored(relative_path: str) -> bool:
         """Return True when any component is a partial or junk name (dotfiles, *.part, @eaDir …)."""
-        parts = PurePosixPath(relative_path).parts
-        return any(fnmatch.fnmatchcase(part, pat) for part in parts for pat in BUILTIN_IGNORES)
+        parts = PurePosixPath(relative_path.lower()).parts
+        return any(fnmatch.fnmatchcase(part, pat.lower()) for part in parts for pat in BUILTIN_IGNORES)
 
     def accepts(self, relative_path: str) -> bool:
         """Return True when the inbox-relative path passes the built-in ignores, include and exclude."""
@@ -258,6 +260,7 @@ class Folder(_RuleOverrides):  # type: ignore[misc,valid-type]
 
 
 def _rule_overrides(entry: BaseModel) -> dict[str, Any]:
+    """Return the rule fields a folder or rules entry sets itself (explicit nulls included)."""
     return {k: getattr(entry, k) for k in entry.model_fields_set if k in RULE_FIELDS}
 
 
@@ -271,8 +274,8 @@ class Settings(_Strict):
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default. On small CPUs, 1 is often fastest for small models")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal, JSON otherwise (journald)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
-    probe_timeout: Seconds = Field(60.0, description="wall-clock limit for ffprobe")
-    extract_timeout: Seconds = Field(3600.0, description="wall-clock limit for ffmpeg's audio extraction")
+    probe_timeout: Seconds = Field(60.0, gt=0, description="wall-clock limit for ffprobe")
+    extract_timeout: Seconds = Field(3600.0, gt=0, description="wall-clock limit for ffmpeg's audio extraction")
     rescan_interval: Seconds = Field(300.0, gt=0, description="every inbox is rescanned this often, whatever the watch mode: watchers miss files")
     shutdown_grace: Seconds = Field(30.0, description="on SIGTERM, how long the current job may run on before it is handed back to the queue")
 
@@ -470,7 +473,7 @@ def _cross_check(
     # An inbox inside another folder's output would feed whisperd its own results.
     for i, folder in folders:
         for j, other in folders:
-            for role in ("outbox", "archive", "failed"):
+            for role in ("outbox", "archive", "failed", "processing"):
                 target = getattr(other, role)
                 if target is None:
                     continue
@@ -479,7 +482,9 @@ def _cross_check(
                         f"folders[{i}].inbox",
                         f"lies inside the {role} of folders[{j}] ({target}); whisperd would process its own output",
                     ))
-                elif folder.recursive and _is_within(target, folder.inbox):
+                elif folder.recursive and _is_within(target, folder.inbox) and not Folder.builtin_ignored(
+                    target.resolve().relative_to(folder.inbox.resolve()).as_posix()
+                ):
                     problems.append(ConfigProblem(
                         f"folders[{j}].{role}",
                         f"lies inside the inbox of folders[{i}] ({folder.inbox}); whisperd would process its own output",

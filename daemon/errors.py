@@ -4,6 +4,7 @@ WhisperdError
 ├── ConfigError          the configuration is invalid: every problem, each with its location
 ├── ToolError            an external program (ffmpeg, ffprobe) failed: argv, exit code, stderr tail
 │   └── ToolTimeout      … or ran past its wall-clock limit
+├── ToolMissing          ffmpeg or ffprobe is not installed: the daemon refuses to start
 ├── JobError             one file could not be processed; carries what an operator needs
 │   ├── MediaError       permanent: not media, no audio, refused input. Retrying cannot help.
 │   └── TransientError   worth another attempt later: disk full, timeout, GPU out of memory
@@ -57,6 +58,11 @@ class ToolError(WhisperdError):
         super().__init__(f"{self.argv[0]} exited with code {returncode}: {last}")
 
     @property
+    def abnormal(self) -> bool:
+        """Return True when the tool did not run or was killed by a signal: no verdict on the file."""
+        return self.returncode is None or self.returncode < 0
+
+    @property
     def command(self) -> str:
         """Return the command line as one string, for error files and logs."""
         import shlex
@@ -71,6 +77,10 @@ class ToolTimeout(ToolError):
         super().__init__(argv, None, stderr_tail)
         self.timeout_s = timeout_s
         self.args = (f"{self.argv[0]} did not finish within {timeout_s:g} s and was killed",)
+
+
+class ToolMissing(WhisperdError):
+    """ffmpeg or ffprobe is not installed: the daemon refuses to start rather than fail every file."""
 
 
 class JobError(WhisperdError):

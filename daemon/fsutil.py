@@ -22,8 +22,11 @@ def fsync_dir(directory: Path) -> None:
 
 
 def temp_name(target: Path) -> Path:
-    """Return a hidden temporary name beside target; watchers and users skip dotfiles."""
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    """Return a hidden temporary name beside target; watchers and users skip dotfiles.
+
+    Its length does not depend on target's, so a name near the 255-byte limit still has one.
+    """
+    return target.with_name(f".whisperd-{uuid.uuid4().hex[:12]}.tmp")
 
 
 def atomic_write_text(target: Path, write: Callable[[TextIO], None]) -> None:
@@ -49,6 +52,27 @@ def free_name(target: Path) -> Path:
         candidate = target.with_name(f"{target.stem} ({n}){target.suffix}")
         n += 1
     return candidate
+
+
+def move_to_free_name(source: Path, target: Path) -> Path:
+    """Move a file to target, or `name (1).ext` … if taken, never replacing a file; return where it went.
+
+    A hard link claims the name atomically (it fails if another process took it meanwhile);
+    filesystems without hard links (some SMB mounts) fall back to checking, then renaming.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = free_name(target)
+        try:
+            os.link(source, candidate, follow_symlinks=False)
+        except FileExistsError:
+            continue  # taken between the check and the link: try the next name
+        except OSError:
+            return durable_move(source, candidate)
+        source.unlink()
+        fsync_dir(candidate.parent)
+        fsync_dir(source.parent)
+        return candidate
 
 
 def durable_move(source: Path, target: Path) -> Path:

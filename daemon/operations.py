@@ -20,8 +20,7 @@ from daemon import layout
 from daemon.config import Config, Folder
 from daemon.errors import WhisperdError
 from daemon.fsutil import durable_move, free_name, temp_name
-from daemon.journal import FileIdentity, Job, JobState
-from daemon.journal.sqlite import SqliteJournal
+from daemon.journal import FileIdentity, Job, JobState, Journal, open_journal
 
 RECENT_FAILURES = 10
 QUEUE_SHOWN = 20
@@ -31,12 +30,12 @@ class OperationError(WhisperdError):
     """An operator command cannot do what was asked; the message says why."""
 
 
-def open_journal(config: Config) -> SqliteJournal:
+def open_daemon_journal(config: Config) -> Journal:
     """Return the daemon's journal; raise OperationError if the daemon never created one."""
-    path = config.settings.state_dir / "journal.sqlite3"
-    if not path.exists():
-        raise OperationError(f"no journal at {path}: has whisperd run with this config?")
-    return SqliteJournal(path)
+    try:
+        return open_journal(config.settings.state_dir, create=False)
+    except FileNotFoundError as err:
+        raise OperationError(f"no journal at {err}: has whisperd run with this config?") from None
 
 
 def _iso(ts: float | None) -> str | None:
@@ -65,7 +64,7 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
     return view
 
 
-def status_report(config: Config, journal: SqliteJournal, now: float | None = None) -> dict[str, Any]:
+def status_report(config: Config, journal: Journal, now: float | None = None) -> dict[str, Any]:
     """Return per-folder counts by state, running jobs with progress and ETA, the queue, recent failures."""
     now = time.time() if now is None else now
     counts = journal.counts()
@@ -117,7 +116,7 @@ def _duration(seconds: float) -> str:
 
 
 def list_jobs(
-    journal: SqliteJournal, *, states: Sequence[str] = (), since: float | None = None, folder: str | None = None
+    journal: Journal, *, states: Sequence[str] = (), since: float | None = None, folder: str | None = None
 ) -> list[Job]:
     """Return jobs filtered by state, last update time and folder, oldest first."""
     jobs = journal.jobs([JobState(s) for s in states] if states else None)
@@ -147,7 +146,7 @@ class Outcome:
 
 
 def retry_failed(
-    config: Config, journal: SqliteJournal, selectors: Sequence[str], *, folder: str | None = None
+    config: Config, journal: Journal, selectors: Sequence[str], *, folder: str | None = None
 ) -> Outcome:
     """Move failed originals back into their inboxes and queue their jobs again, attempts reset.
 
@@ -243,7 +242,7 @@ def _owning_folder(config: Config, path: Path) -> Folder | None:
 
 
 def enqueue(
-    config: Config, journal: SqliteJournal, items: Sequence[EnqueueItem], *, folder: str | None = None
+    config: Config, journal: Journal, items: Sequence[EnqueueItem], *, folder: str | None = None
 ) -> Outcome:
     """Queue files now, without waiting for the watcher; a file outside every inbox is copied into
     `folder`'s inbox first. Per-item overrides are validated against that file's rule."""

@@ -23,11 +23,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon import layout
 from daemon import log as logsetup
-from daemon.config import Config, load_config
-from daemon.errors import ConfigError, GpuFault
+from daemon.config import load_config
+from daemon.errors import ConfigError, GpuFault, ToolMissing
 from daemon.fsutil import durable_move, free_name
-from daemon.journal import FileIdentity, Job, JobState
-from daemon.journal.sqlite import SqliteJournal
+from daemon.journal import FileIdentity, Job, JobState, open_journal
 from daemon.models import ModelRegistry
 from daemon.pipeline.transcribe import WhisperEngine
 from daemon.systemd import Notifier, watchdog_interval
@@ -37,6 +36,7 @@ from daemon.worker import Worker, default_owner
 log = structlog.get_logger("whisperd")
 
 EXIT_GPU_FAULT = 3
+
 TICK_S = 0.25  # how often settled files are handed from the watchers to the journal
 IDLE_POLL_S = 2.0  # an idle worker looks at the journal at least this often (other instances)
 HEARTBEAT_IDLE_S = 0.25  # an idle worker still beats this often
@@ -45,11 +45,6 @@ MODEL_LOAD_EXTENSION_S = 900  # EXTEND_TIMEOUT_USEC granted per model loaded bef
 # Test-only switch: while the file named here exists, the worker loop hangs without a heartbeat,
 # the way a wedged GPU call would, so tests can watch the watchdog pings stop.
 TEST_HANG_FILE_ENV = "WHISPERD_TEST_HANG_FILE"
-
-
-def journal_path(config: Config) -> Path:
-    """Return where the SQLite journal lives."""
-    return config.settings.state_dir / "journal.sqlite3"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -90,6 +85,7 @@ class Service:
         self._last_status: str | None = None
         self._test_hang_file = os.environ.get(TEST_HANG_FILE_ENV)
         self._stale_after = float("inf")
+        self._watchers_lock = threading.Lock()  # reload and rescan both change observers
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -97,10 +93,15 @@ class Service:
         """Open the journal, recover, load models, start watching and working."""
         settings = self.config.settings
         logsetup.configure(settings.log_format, settings.log_level)
+        missing = [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
+        if missing:
+            # Without them every file would fail: refuse to start instead of emptying the inboxes.
+            raise ToolMissing(f"{' and '.join(missing)} not found on PATH; install ffmpeg (apt-get install ffmpeg)")
         log.info("starting", config=str(self.config_path), folders=list(self.config.folders), owner=self.owner)
-        self.journal = SqliteJournal(journal_path(self.config))
+        self.journal = open_journal(settings.state_dir)
         now = time.time()
-        for job in self.journal.recover(owner_is_dead, now=now):
+        # Our own owner token can only be a leftover (a container restarted with the same pid).
+        for job in self.journal.recover(lambda owner: owner == self.owner or owner_is_dead(owner), now=now):
             log.info("job_requeued", job_id=job.id, folder=job.folder, file=job.rel_path,
                      reason="left running by a process that is gone")
         self._reconcile_processing_areas()
@@ -149,13 +150,17 @@ class Service:
 
     def _reconcile_processing_areas(self) -> None:
         """Return originals that no active job owns from processing areas to their inboxes."""
-        active = {j.id for j in self.journal.jobs(JobState.active())}
         for folder in self.config.folders.values():
             root = layout.processing_root(folder)
             if not root.is_dir():
                 continue
             for job_dir in root.iterdir():
-                if job_dir.name.isdigit() and int(job_dir.name) in active:
+                if not job_dir.name.isdigit():
+                    continue
+                # Asked afresh for each directory: a worker records its claim before it creates the
+                # directory, so another instance's job that started a moment ago is seen as active.
+                job = self.journal.get(int(job_dir.name))
+                if job is not None and job.state in JobState.active():
                     continue
                 for path in sorted(p for p in job_dir.rglob("*") if p.is_file() or p.is_symlink()):
                     rel = path.relative_to(job_dir).as_posix()
@@ -163,7 +168,11 @@ class Service:
                     durable_move(path, target)
                     log.warning("returned_to_inbox", folder=folder.name, file=rel,
                                 reason="found in the processing area with no job")
-                shutil.rmtree(job_dir, ignore_errors=True)
+                for directory in sorted((d for d in job_dir.rglob("*") if d.is_dir()), reverse=True):
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()  # only empty ones: never delete what another process put there
+                with contextlib.suppress(OSError):
+                    job_dir.rmdir()
 
     # -- the loops -----------------------------------------------------------------------------
 
@@ -171,7 +180,10 @@ class Service:
         now = time.monotonic()
         for watcher in list(self.watchers.values()):
             for ready in watcher.poll(now):
-                self.enqueue(ready)
+                try:
+                    self.enqueue(ready)
+                except Exception:  # one unqueueable name must not hold up the others settled with it
+                    log.exception("enqueue_failed", folder=ready.folder, file=ready.rel_path)
 
     def enqueue(self, ready: ReadyFile) -> Job | None:
         """Put a settled file into the journal (idempotent) and wake the worker."""
@@ -192,9 +204,12 @@ class Service:
     def rescan(self) -> None:
         """Scan every inbox in full (watchers miss files) and restart observers that died."""
         for name, watcher in list(self.watchers.items()):
-            if not watcher.watching:
-                with contextlib.suppress(OSError):
-                    watcher.start()
+            with self._watchers_lock:
+                if self.watchers.get(name) is not watcher:
+                    continue  # removed or replaced by a reload meanwhile
+                if not watcher.watching:
+                    with contextlib.suppress(OSError):
+                        watcher.start()
             try:
                 seen = watcher.scan()
             except OSError as err:
@@ -291,17 +306,18 @@ class Service:
                       problems=[str(p) for p in err.problems], keeping="the running configuration")
             return False
         old = self.config
-        for name, watcher in list(self.watchers.items()):
-            if name not in new.folders or new.folders[name] != old.folders.get(name):
-                watcher.stop()
-                del self.watchers[name]
-        self.config = new
-        logsetup.configure(new.settings.log_format, new.settings.log_level)
-        for name in new.folders:
-            if name not in self.watchers:
-                self._start_watcher(name)
-                with contextlib.suppress(OSError):
-                    self.watchers[name].scan()
+        with self._watchers_lock:
+            for name, watcher in list(self.watchers.items()):
+                if name not in new.folders or new.folders[name] != old.folders.get(name):
+                    watcher.stop()
+                    del self.watchers[name]
+            self.config = new
+            logsetup.configure(new.settings.log_format, new.settings.log_level)
+            for name in new.folders:
+                if name not in self.watchers:
+                    self._start_watcher(name)
+                    with contextlib.suppress(OSError):
+                        self.watchers[name].scan()
         if new.settings.state_dir != old.settings.state_dir or new.settings.device != old.settings.device:
             log.warning("restart_needed", reason="state_dir and device changes apply after a restart")
         log.info("reloaded", folders=list(new.folders))

@@ -30,7 +30,7 @@ from daemon import layout
 from daemon.config import Config, Folder, Rule
 from daemon.control import JobControl
 from daemon.errors import GpuFault, JobCancelled, JobError, MediaError, TransientError
-from daemon.fsutil import atomic_write_text, durable_move, free_name
+from daemon.fsutil import atomic_write_text, durable_move, free_name, move_to_free_name
 from daemon.journal import Job, Journal
 from daemon.pipeline import process_file
 from daemon.pipeline.transcribe import WhisperEngine
@@ -39,6 +39,7 @@ from daemon.retry import retry_delay
 log = structlog.get_logger(__name__)
 
 PROGRESS_EVERY_S = 1.0  # journal writes for progress, at most this often
+CRASH_LIMIT = 3  # a file during which the process died this often is set aside in the failed folder
 
 
 def default_owner() -> str:
@@ -85,6 +86,14 @@ class Worker:
         self.current, self.progress = job, 0.0
         try:
             self._process(config, job)
+        except (GpuFault, JobCancelled):
+            raise
+        except Exception as err:
+            # Handling the outcome failed too (failed/ unwritable, disk full): never leave the job
+            # RUNNING under a live owner, where nothing would pick it up again.
+            log.exception("job_handling_failed", job_id=job.id, folder=job.folder, file=job.rel_path)
+            delay = retry_delay(job.attempts + 1, 30.0, 3600.0, self.jitter()) + 1.0
+            self.journal.mark_retry(job.id, _reason(err), "worker", now=self.clock(), due=self.clock() + delay)
         finally:
             self.current, self.progress = None, None
         return self.journal.get(job.id) or job
@@ -107,6 +116,12 @@ class Worker:
                                  path=job.rel_path, stage="claim") from None
             if source is None:
                 return
+            if job.crashes >= CRASH_LIMIT:
+                raise MediaError(
+                    f"whisperd stopped {job.crashes} times while processing this file (killed, out of "
+                    "memory, watchdog or GPU fault); it is set aside so the others can flow",
+                    path=job.rel_path, stage="crash",
+                )
             if job.published_at is None:
                 bound.info("job_started", model=rule.model, task=rule.task)
                 with self.control.keepalive():  # a first use may download the model: no checks meanwhile
@@ -130,7 +145,7 @@ class Worker:
             self.journal.requeue(job.id, now=self.clock())
             bound.info("job_requeued", reason="shutdown")
         except GpuFault as err:
-            self.journal.requeue(job.id, now=self.clock())
+            self.journal.requeue(job.id, now=self.clock(), crashed=True)
             bound.critical("gpu_fault", error=str(err), consequence="job requeued; the process exits to recover")
             raise
         except MediaError as err:
@@ -145,6 +160,8 @@ class Worker:
                 self._fail(job, folder, rule, source, err, bound)
                 return
             delay = retry_delay(attempts, rule.retry_base_delay, rule.retry_max_delay, self.jitter())
+            if isinstance(err, TransientError) and err.delay_s is not None:
+                delay = err.delay_s  # the cause knows better (e.g. a service asking to come back later)
             due = self.clock() + delay
             self.journal.mark_retry(job.id, _reason(err), getattr(err, "stage", None), now=self.clock(), due=due)
             level = bound.warning if isinstance(err, TransientError) else bound.error
@@ -162,6 +179,8 @@ class Worker:
         """
         target = job.processing or layout.processing_path(folder, job.id, job.rel_path)
         if os.path.lexists(target):
+            if not stat.S_ISREG(os.lstat(target).st_mode):
+                raise _Refused(target)  # something was planted in the processing area
             return target
         if job.disposed_path and os.path.lexists(job.disposed_path):
             # A crash came after the original was disposed of but before the journal said so.
@@ -217,16 +236,19 @@ class Worker:
             source.unlink()
             _cleanup_empty_dirs(source.parent, layout.processing_root(folder))
             return None
-        if job.disposed_path:
-            target = Path(job.disposed_path)  # resume the move a crash interrupted
-        elif rule.on_success == "archive":
-            target = free_name(layout.archive_path(folder, job.rel_path))
+        if rule.on_success == "archive":
+            wanted = layout.archive_path(folder, job.rel_path)
         else:  # keep: back where it came from, unchanged, so rescans see a known, done identity
-            target = free_name(layout.inbox_path(folder, job.rel_path))
+            wanted = layout.inbox_path(folder, job.rel_path)
+        if job.disposed_path and Path(job.disposed_path).parent == wanted.parent:
+            wanted = Path(job.disposed_path)  # resume the move a crash interrupted
+        target = free_name(wanted)
         self.journal.set_disposal(job.id, target, now=self.clock())
-        durable_move(source, target)
+        moved = move_to_free_name(source, target)
+        if moved != target:  # another process took the name meanwhile
+            self.journal.set_disposal(job.id, moved, now=self.clock())
         _cleanup_empty_dirs(source.parent, layout.processing_root(folder))
-        return target
+        return moved
 
     def _fail(
         self, job: Job, folder: Folder, rule: Rule, source: Path | None, err: Exception,
@@ -238,10 +260,15 @@ class Worker:
         if source is not None and os.path.lexists(source):
             target = free_name(layout.failed_path(folder, job.rel_path))
             target.parent.mkdir(parents=True, exist_ok=True)
+            # The report first: a crash between the two steps leaves a report, never a bare original.
             report = error_report(job, folder, rule, err, attempts, target, now=self.clock())
             atomic_write_text(layout.error_file(target), lambda handle: print(report, end="", file=handle))
             self.journal.set_disposal(job.id, target, now=self.clock())
-            durable_move(source, target)
+            moved = move_to_free_name(source, target)
+            if moved != target:  # another process took the name meanwhile: the report follows
+                os.replace(layout.error_file(target), layout.error_file(moved))
+                self.journal.set_disposal(job.id, moved, now=self.clock())
+                target = moved
             _cleanup_empty_dirs(source.parent, layout.processing_root(folder))
         self.journal.mark_failed(job.id, _reason(err), getattr(err, "stage", None), target, now=self.clock())
         bound.error("job_failed", error=_reason(err), stage=getattr(err, "stage", None),

@@ -141,6 +141,16 @@ def test_output_folder_inside_a_recursive_inbox_is_refused(tmp_path: Path) -> No
         parse_config({"folders": [folder]})
 
 
+def test_a_visible_processing_area_inside_the_inbox_is_refused(tmp_path: Path) -> None:
+    """`processing: <inbox>/work` would be watched and queued again; a hidden one is fine."""
+    folder = _folder(tmp_path, "a")
+    folder["processing"] = str(Path(folder["inbox"]) / "work")
+    with pytest.raises(ConfigError, match=r"folders\[0\]\.processing: lies inside the inbox"):
+        parse_config({"folders": [folder]})
+    folder["processing"] = str(Path(folder["inbox"]) / ".work")
+    assert parse_config({"folders": [folder]}).folders["a"].processing == Path(folder["processing"])
+
+
 def test_two_folders_may_not_share_an_inbox(tmp_path: Path) -> None:
     """Two folders watching one inbox would race for its files."""
     first = _folder(tmp_path, "a")
@@ -195,7 +205,8 @@ def test_builtin_ignores_and_globs(tmp_path: Path) -> None:
     folder = config.folders["a"]
     assert folder.accepts("talk.MP4") and folder.accepts("sub/dir/talk.mkv")
     for junk in ("talk.mp4.part", ".hidden.mp4", "._talk.mp4", "@eaDir/talk.mp4", "~$talk.mp4",
-                 "x.crdownload", "Thumbs.db", "#recycle/talk.mp4", "a/.stfolder/b.mp4"):
+                 "x.crdownload", "Thumbs.db", "#recycle/talk.mp4", "a/.stfolder/b.mp4", "THUMBS.DB",
+                 "TALK.MP4.PART", "@EADIR/talk.mp4"):
         assert not folder.accepts(junk), junk
     assert not folder.accepts("notes.txt")
     assert not folder.accepts("drafts/talk.mp4")

@@ -149,6 +149,22 @@ def test_kill_9_mid_job_then_restart_completes_once(
     assert daemon.stop() == 0
 
 
+def test_an_orphan_in_the_processing_area_returns_to_the_inbox(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet
+) -> None:
+    """A file left in a processing area with no job (a lost journal) goes back to the inbox and is processed."""
+    daemon = make_daemon()
+    orphan = daemon.folder("inbox") / ".whisperd" / "processing" / "41" / "sub" / "talk.mp4"
+    orphan.parent.mkdir(parents=True)
+    shutil.copyfile(media_set.speech_mp4, orphan)
+    daemon.start()
+    [job] = daemon.wait_done(1)
+    assert (job.rel_path, job.state) == ("sub/talk.mp4", JobState.DONE)
+    assert daemon.event("returned_to_inbox")["file"] == "sub/talk.mp4"  # type: ignore[index]
+    assert files_under(daemon.folder("inbox")) == []
+    assert daemon.stop() == 0
+
+
 def test_not_media_fails_on_first_attempt_while_others_flow(
     make_daemon: Callable[..., Daemon], media_set: MediaSet
 ) -> None:

@@ -42,6 +42,20 @@ def test_done_identity_is_skipped_only_when_asked(journal: SqliteJournal) -> Non
     assert again is not None and again.id != job.id
 
 
+def test_a_file_that_failed_in_place_is_not_queued_again(journal: SqliteJournal) -> None:
+    """A failed job whose original could not leave the inbox keeps its identity: rescans do not refail it."""
+    job = journal.enqueue(_id(), priority=0, now=1, skip_if_done=False)
+    assert job is not None
+    journal.claim(["f"], now=2, owner="h:1")
+    journal.mark_failed(job.id, "inbox is read-only", "claim", None, now=3)
+    assert journal.enqueue(_id(), priority=0, now=4, skip_if_done=False) is None
+    moved = journal.enqueue(_id("b.mp4"), priority=0, now=5, skip_if_done=False)
+    assert moved is not None
+    journal.claim(["f"], now=6, owner="h:1")
+    journal.mark_failed(moved.id, "not media", "probe", Path("/failed/b.mp4"), now=7)
+    assert journal.enqueue(_id("b.mp4"), priority=0, now=8, skip_if_done=False) is not None  # dropped again
+
+
 def test_claim_takes_priority_then_age_and_only_due_jobs(journal: SqliteJournal) -> None:
     """Higher folder priority first, then the oldest; retry_wait jobs wait for their time."""
     old = journal.enqueue(_id("old.mp4"), priority=0, now=1, skip_if_done=False)
@@ -92,9 +106,7 @@ def test_recover_requeues_only_dead_owners_without_counting_an_attempt(journal: 
     alive = journal.claim(["f"], now=2, owner="h:222")
     assert dead and alive
     recovered = journal.recover(lambda owner: owner == "h:111", now=3)
-    assert [j.id for j in recovered] == [dead.id]
-    assert journal.get(dead.id).state == JobState.QUEUED  # type: ignore[union-attr]
-    assert journal.get(dead.id).attempts == 0  # type: ignore[union-attr]
+    assert [(j.id, j.state, j.attempts, j.crashes) for j in recovered] == [(dead.id, JobState.QUEUED, 0, 1)]
     assert journal.get(alive.id).state == JobState.RUNNING  # type: ignore[union-attr]
 
 

@@ -234,6 +234,15 @@ def test_bad_inputs_raise_media_error_naming_file_and_reason(
         assert err.command and err.command.startswith("ffprobe") and err.stderr_tail
 
 
+def test_missing_ffprobe_is_transient_not_the_files_fault(
+    media_set: MediaSet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without ffprobe on PATH the file is not declared broken: the error is transient."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(TransientError, match="program not found"):
+        probe(media_set.speech_mp4)
+
+
 def test_progress_is_reported_up_to_one(
     media_set: MediaSet, engine: WhisperEngine, fast_rule: Callable[..., Rule], tmp_path: Path
 ) -> None:

@@ -214,4 +214,4 @@ def test_a_cuda_fault_requeues_the_job_and_ends_the_worker(
     finally:
         handle.remove()
     requeued = journal.get(job.id)
-    assert requeued is not None and (requeued.state, requeued.attempts) == (JobState.QUEUED, 0)
+    assert requeued is not None and (requeued.state, requeued.attempts, requeued.crashes) == (JobState.QUEUED, 0, 1)

@@ -184,3 +184,91 @@ def test_worker_keeps_each_archived_original_under_a_free_name(
         assert worker.run_once() is not None
     assert sorted(p.name for p in folder.archive.iterdir()) == ["talk (1).mp4", "talk.mp4"]
     assert [p.name for p in folder.outbox.iterdir()] == ["talk.txt"]
+
+
+def test_a_file_that_keeps_crashing_the_process_is_set_aside(
+    tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
+) -> None:
+    """After three crashes of the daemon during one file (kill -9, OOM, GPU fault) it goes to failed/."""
+    config = config_factory()
+    folder = config.folders["media"]
+    folder.inbox.mkdir(parents=True)
+    shutil.copyfile(media_set.speech_mp4, folder.inbox / "poison.mp4")
+    worker, journal = _worker_setup(tmp_path, config, engine, [10.0])
+    job_id = _enqueue(journal, folder.inbox / "poison.mp4", "poison.mp4", now=0)
+    for n in range(3):  # what three restarts after a crash leave behind
+        assert journal.claim(["media"], now=n + 1, owner="gone:1") is not None
+        journal.recover(lambda owner: True, now=n + 1)
+    assert worker.run_once() is not None
+    job = journal.get(job_id)
+    assert job is not None and (job.state, job.crashes, job.last_stage) == (JobState.FAILED, 3, "crash")
+    assert "stopped 3 times while processing this file" in (folder.failed / "poison.mp4.error.txt").read_text()
+    assert not folder.outbox.exists()  # never transcribed again
+
+
+def test_a_symlink_planted_in_the_processing_area_is_refused(
+    tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine
+) -> None:
+    """A link swapped in for a waiting original is not followed: it goes to failed/, its target untouched."""
+    config = config_factory()
+    folder = config.folders["media"]
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    worker, journal = _worker_setup(tmp_path, config, engine, [10.0])
+    folder.inbox.mkdir(parents=True)
+    (folder.inbox / "talk.mp4").write_text("placeholder")
+    job_id = _enqueue(journal, folder.inbox / "talk.mp4", "talk.mp4", now=0)
+    planted = folder.inbox / ".whisperd" / "processing" / str(job_id) / "talk.mp4"
+    planted.parent.mkdir(parents=True)
+    planted.symlink_to(secret)
+    journal.set_processing(job_id, planted, now=0)
+    worker.run_once()
+    job = journal.get(job_id)
+    assert job is not None and job.state == JobState.FAILED and "not a regular file" in (job.last_error or "")
+    assert (folder.failed / "talk.mp4").is_symlink() and secret.read_text() == "private"
+    assert not folder.outbox.exists()
+
+
+def test_a_published_job_resumes_with_the_disposal_only(
+    tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
+) -> None:
+    """A crash after publishing: the restart archives the original and does not transcribe again."""
+    config = config_factory()
+    folder = config.folders["media"]
+    worker, journal = _worker_setup(tmp_path, config, engine, [10.0])
+    folder.inbox.mkdir(parents=True)
+    waiting = folder.inbox / ".whisperd" / "processing" / "1" / "talk.mp4"
+    waiting.parent.mkdir(parents=True)
+    shutil.copyfile(media_set.speech_mp4, waiting)
+    job_id = _enqueue(journal, waiting, "talk.mp4", now=0)
+    journal.claim(["media"], now=1, owner="gone:1")
+    journal.set_processing(job_id, waiting, now=1)
+    journal.mark_published(job_id, [folder.outbox / "talk.srt"], {}, now=2)
+    journal.recover(lambda owner: True, now=3)
+    worker.run_once()
+    job = journal.get(job_id)
+    assert job is not None and job.state == JobState.DONE
+    assert (folder.archive / "talk.mp4").read_bytes() == media_set.speech_mp4.read_bytes()
+    assert not folder.outbox.exists()  # nothing was transcribed a second time
+
+
+def test_a_job_whose_original_already_reached_the_archive_is_finished(
+    tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine
+) -> None:
+    """A crash between archiving and the journal's 'done': the restart marks it done and moves nothing."""
+    config = config_factory()
+    folder = config.folders["media"]
+    worker, journal = _worker_setup(tmp_path, config, engine, [10.0])
+    folder.archive.mkdir(parents=True)
+    archived = folder.archive / "talk.mp4"
+    archived.write_text("x")
+    job_id = _enqueue(journal, archived, "talk.mp4", now=0)
+    journal.claim(["media"], now=1, owner="gone:1")
+    journal.set_processing(job_id, folder.inbox / ".whisperd" / "processing" / str(job_id) / "talk.mp4", now=1)
+    journal.mark_published(job_id, [], {}, now=2)
+    journal.set_disposal(job_id, archived, now=3)
+    journal.recover(lambda owner: True, now=4)
+    worker.run_once()
+    job = journal.get(job_id)
+    assert job is not None and job.state == JobState.DONE and job.disposed_path == str(archived)
+    assert [p.name for p in folder.archive.iterdir()] == ["talk.mp4"]

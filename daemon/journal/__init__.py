@@ -66,6 +66,7 @@ class Job:
     owner: str | None = None  # host:pid of the worker that claimed it
     timings: dict[str, float] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)  # rule fields set for this job alone
+    crashes: int = 0  # times the process died while this job ran
 
     @property
     def identity(self) -> FileIdentity:
@@ -76,6 +77,20 @@ class Job:
     def processing(self) -> Path | None:
         """Return the processing-area path as a Path, if one was assigned."""
         return Path(self.processing_path) if self.processing_path else None
+
+
+def open_journal(state_dir: Path, *, create: bool = True) -> Journal:
+    """Return the journal kept under the state directory (the one place that picks its backend).
+
+    With create=False a missing journal raises FileNotFoundError (operator commands must not
+    create an empty journal beside a daemon configured elsewhere).
+    """
+    from daemon.journal.sqlite import SqliteJournal
+
+    path = state_dir / "journal.sqlite3"
+    if not create and not path.exists():
+        raise FileNotFoundError(path)
+    return SqliteJournal(path)
 
 
 class Journal(Protocol):
@@ -126,8 +141,8 @@ class Journal(Protocol):
         """Count a failed attempt and end the job as failed."""
         ...
 
-    def requeue(self, job_id: int, *, now: float) -> None:
-        """Return a running job to the queue without counting an attempt (shutdown, crash)."""
+    def requeue(self, job_id: int, *, now: float, crashed: bool = False) -> None:
+        """Return a running job to the queue without counting an attempt; `crashed` counts a crash."""
         ...
 
     def drop(self, job_id: int) -> None:
@@ -139,7 +154,7 @@ class Journal(Protocol):
         ...
 
     def recover(self, is_dead: Callable[[str | None], bool], *, now: float) -> list[Job]:
-        """Return jobs left RUNNING by workers that are gone, now queued again."""
+        """Return jobs left RUNNING by workers that are gone, queued again with one more crash counted."""
         ...
 
     def requeue_failed(self, job_id: int, *, now: float) -> bool:

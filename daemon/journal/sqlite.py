@@ -53,6 +53,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN overrides TEXT NOT NULL DEFAULT '{}';
     """,
+    # 3: how often the process died while a job ran (kill -9, OOM, watchdog, GPU fault). Not an
+    # attempt (the file may be fine), but a file that keeps killing whisperd must be set aside.
+    """
+    ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 ACTIVE = tuple(s.value for s in JobState.active())
@@ -126,9 +131,11 @@ class SqliteJournal:
         with self._write() as db:
             states = ACTIVE + (("done",) if skip_if_done else ())
             marks = ",".join("?" * len(states))
+            # A failed job whose original could not be moved out of the inbox (no disposed_path)
+            # still owns the identity: otherwise every rescan would fail the same file again.
             known = db.execute(
                 f"SELECT 1 FROM jobs WHERE folder=? AND rel_path=? AND size=? AND mtime_ns=? "
-                f"AND state IN ({marks}) LIMIT 1",
+                f"AND (state IN ({marks}) OR (state='failed' AND disposed_path IS NULL)) LIMIT 1",
                 (identity.folder, identity.rel_path, identity.size, identity.mtime_ns, *states),
             ).fetchone()
             if known:
@@ -222,10 +229,13 @@ class SqliteJournal:
             (error, stage, str(disposed_path) if disposed_path else None, now, now),
         )
 
-    def requeue(self, job_id: int, *, now: float) -> None:
-        """Return a running job to the queue without counting an attempt (shutdown, crash)."""
-        self._update(job_id, "state='queued', owner=NULL, progress=NULL, next_attempt_at=?, updated_at=?",
-                     (now, now))
+    def requeue(self, job_id: int, *, now: float, crashed: bool = False) -> None:
+        """Return a running job to the queue without counting an attempt; `crashed` counts a crash."""
+        self._update(
+            job_id,
+            "state='queued', owner=NULL, progress=NULL, next_attempt_at=?, updated_at=?, crashes=crashes+?",
+            (now, now, int(crashed)),
+        )
 
     def drop(self, job_id: int) -> None:
         """Forget a job whose file vanished or changed before it was taken."""
@@ -237,17 +247,18 @@ class SqliteJournal:
         self._update(job_id, "disposed_path=?, updated_at=?", (str(path), now))
 
     def recover(self, is_dead: Callable[[str | None], bool], *, now: float) -> list[Job]:
-        """Return jobs left RUNNING by workers that are gone, now queued again."""
+        """Return jobs left RUNNING by workers that are gone, queued again with one more crash counted."""
         with self._write() as db:
             rows = db.execute("SELECT * FROM jobs WHERE state='running'").fetchall()
-            stale = [r for r in rows if is_dead(r["owner"])]
-            for row in stale:
+            stale = [r["id"] for r in rows if is_dead(r["owner"])]
+            for job_id in stale:
                 db.execute(
                     "UPDATE jobs SET state='queued', owner=NULL, progress=NULL, next_attempt_at=?,"
-                    " updated_at=? WHERE id=?",
-                    (now, now, row["id"]),
+                    " updated_at=?, crashes=crashes+1 WHERE id=?",
+                    (now, now, job_id),
                 )
-        return [self._job(r) for r in stale]
+            recovered = [db.execute("SELECT * FROM jobs WHERE id=?", (i,)).fetchone() for i in stale]
+        return [self._job(r) for r in recovered]
 
     def requeue_failed(self, job_id: int, *, now: float) -> bool:
         """Return True when a failed job is queued again as new (attempts reset); False if it cannot be.
@@ -257,7 +268,8 @@ class SqliteJournal:
         try:
             with self._write() as db:
                 cursor = db.execute(
-                    "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=?, updated_at=?, owner=NULL,"
+                    "UPDATE jobs SET state='queued', attempts=0, crashes=0, next_attempt_at=?, updated_at=?,"
+                    " owner=NULL,"
                     " processing_path=NULL, published_at=NULL, disposed_path=NULL, finished_at=NULL,"
                     " progress=NULL WHERE id=? AND state='failed'",
                     (now, now, job_id),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def extract_argv(path: Path, stream: AudioStream) -> tuple[str, ...]:
     return (
         "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error",
         "-protocol_whitelist", "file",
-        "-i", f"file:{path.resolve()}",
+        "-i", f"file:{os.path.abspath(path)}",
         "-map", f"0:{stream.index}",
         "-vn", "-sn", "-dn",
         "-ac", "1", "-ar", str(SAMPLE_RATE),
@@ -54,6 +55,8 @@ def extract(
     except ToolTimeout as err:
         raise TransientError.from_tool(str(err), err, path=info.path, stage=STAGE) from err
     except ToolError as err:
+        if err.abnormal:  # ffmpeg missing, or killed (OOM, a signal): the file may be fine
+            raise TransientError.from_tool(str(err), err, path=info.path, stage=STAGE) from err
         raise MediaError.from_tool(
             f"ffmpeg could not decode audio stream {stream.index}", err, path=info.path, stage=STAGE
         ) from err

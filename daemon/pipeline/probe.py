@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def probe_argv(path: Path) -> tuple[str, ...]:
         "ffprobe", "-v", "error", "-hide_banner",
         "-protocol_whitelist", "file",
         "-print_format", "json", "-show_format", "-show_streams",
-        f"file:{path.resolve()}",
+        f"file:{os.path.abspath(path)}",
     )  # fmt: skip
 
 
@@ -105,6 +106,8 @@ def probe(path: Path, *, timeout_s: float = 60.0, control: JobControl | None = N
     except ToolTimeout as err:
         raise TransientError.from_tool(str(err), err, path=path, stage=STAGE) from err
     except ToolError as err:
+        if err.abnormal:  # ffprobe missing, or killed (OOM, a signal): the file may be fine
+            raise TransientError.from_tool(str(err), err, path=path, stage=STAGE) from err
         reason = "not a media file ffprobe can read"
         if err.stderr_tail.strip():
             reason += f" ({err.stderr_tail.strip().splitlines()[-1]})"

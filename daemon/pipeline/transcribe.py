@@ -135,6 +135,8 @@ def is_cuda_fault(err: BaseException) -> bool:
     if accelerator_error is not None and isinstance(err, accelerator_error):
         return True
     text = str(err)
+    if "out of memory" in text:
+        return False  # an allocation failure leaves the context usable: retried like OutOfMemoryError
     return "CUDA error" in text or "CUBLAS_STATUS" in text or "CUDNN_STATUS" in text
 
 
@@ -187,6 +189,8 @@ class WhisperEngine:
             except RuntimeError as err:
                 if is_cuda_fault(err):
                     raise GpuFault(f"CUDA error while transcribing: {err}") from err
+                if "CUDA" in str(err) and "out of memory" in str(err):
+                    raise TransientError(f"GPU out of memory: {err}", stage=STAGE) from err
                 raise
             finally:
                 module.tqdm = saved  # type: ignore[attr-defined]
