@@ -14,6 +14,7 @@ from daemon_harness import Daemon
 from make_test_checkpoint import make_checkpoint
 
 from daemon.config import Config, Rule, parse_config
+from daemon.journal import FileIdentity, Journal
 from daemon.models import ModelRegistry
 from daemon.pipeline.transcribe import WhisperEngine
 
@@ -65,27 +66,33 @@ def fast_rule(checkpoint: Path) -> Callable[..., Rule]:
     return make
 
 
+def config_data(root: Path, checkpoint: Path, folder: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    """Return config file data with one folder 'media' under root, on the tiny checkpoint."""
+    data: dict[str, Any] = {
+        "state_dir": str(root / "state"),
+        "model_dir": str(root / "models"),
+        "device": "cpu",
+        "torch_threads": 1,
+        "defaults": {"model": str(checkpoint), **FAST_DECODE},
+        "folders": [{
+            "name": "media",
+            "inbox": str(root / "inbox"),
+            "outbox": str(root / "outbox"),
+            "archive": str(root / "archive"),
+            "failed": str(root / "failed"),
+            **(folder or {}),
+        }],
+    }  # fmt: skip
+    data.update(top)
+    return data
+
+
 @pytest.fixture
 def config_factory(tmp_path: Path, checkpoint: Path) -> Callable[..., Config]:
     """Return a factory of validated configs with one folder 'media' under tmp_path."""
 
     def make(folder: dict[str, Any] | None = None, **top: Any) -> Config:
-        data: dict[str, Any] = {
-            "state_dir": str(tmp_path / "state"),
-            "model_dir": str(tmp_path / "models"),
-            "device": "cpu",
-            "torch_threads": 1,
-            "defaults": {"model": str(checkpoint), **FAST_DECODE},
-            "folders": [{
-                "name": "media",
-                "inbox": str(tmp_path / "inbox"),
-                "outbox": str(tmp_path / "outbox"),
-                "archive": str(tmp_path / "archive"),
-                "failed": str(tmp_path / "failed"),
-                **(folder or {}),
-            }],
-        }  # fmt: skip
-        data.update(top)
+        data = config_data(tmp_path, checkpoint, folder, **top)
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
         return parse_config(data, base_dir=tmp_path)
 
@@ -126,26 +133,11 @@ def make_daemon(tmp_path: Path, checkpoint: Path) -> Callable[..., Daemon]:
     daemons: list[Daemon] = []
 
     def make(folder: dict[str, Any] | None = None, **top: Any) -> Daemon:
-        data: dict[str, Any] = {
-            "state_dir": str(tmp_path / "state"),
-            "model_dir": str(tmp_path / "models"),
-            "device": "cpu",
-            "torch_threads": 1,
-            "log_format": "json",
-            "rescan_interval": 3600,
-            "shutdown_grace": 10,
-            "defaults": {"model": str(checkpoint), **FAST_DECODE, "sample_len": 8,
-                         "output_formats": list(DAEMON_OUTPUTS), "retry_base_delay": 0.3, "retry_max_delay": 2},
-            "folders": [{
-                "name": "media",
-                "inbox": str(tmp_path / "inbox"),
-                "outbox": str(tmp_path / "outbox"),
-                "archive": str(tmp_path / "archive"),
-                "failed": str(tmp_path / "failed"),
-                "stability_delay": 0.5,
-                **(folder or {}),
-            }],
-        }  # fmt: skip
+        # Daemon tests: JSON logs to parse, no periodic rescans unless asked, short retries.
+        data = config_data(tmp_path, checkpoint, {"stability_delay": 0.5, **(folder or {})},
+                           log_format="json", rescan_interval=3600, shutdown_grace=10)
+        data["defaults"] |= {"sample_len": 8, "output_formats": list(DAEMON_OUTPUTS),
+                             "retry_base_delay": 0.3, "retry_max_delay": 2}
         data.update(top)
         for entry in data["folders"]:
             Path(entry["inbox"]).mkdir(parents=True, exist_ok=True)
@@ -158,3 +150,12 @@ def make_daemon(tmp_path: Path, checkpoint: Path) -> Callable[..., Daemon]:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait()
+
+
+def enqueue_file(journal: Journal, path: Path, rel: str, now: float, folder: str = "media") -> int:
+    """Queue a file under its current size and mtime, as the watcher would; return the job id."""
+    st = path.stat()
+    job = journal.enqueue(FileIdentity(folder, rel, st.st_size, st.st_mtime_ns),
+                          priority=0, now=now, skip_if_done=False)
+    assert job is not None
+    return job.id

@@ -4,6 +4,7 @@ STOPPING; two instances sharing one journal; and a CUDA fault ending the process
 from __future__ import annotations
 
 import itertools
+import shutil
 import signal
 import socket
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 import media
 import pytest
 import torch
-from conftest import MediaSet
+from conftest import MediaSet, enqueue_file
 from daemon_harness import Daemon, drop_file, files_under
 
 from daemon.config import Config
@@ -188,19 +189,12 @@ def test_a_cuda_fault_requeues_the_job_and_ends_the_worker(
     tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
 ) -> None:
     """A poisoned CUDA context (faked: no GPU here) sends the job back to the queue and raises GpuFault."""
-    import shutil
-
-    from daemon.journal import FileIdentity
-
     config = config_factory()
     folder = config.folders["media"]
     folder.inbox.mkdir(parents=True)
     path = Path(shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4"))
     journal = SqliteJournal(tmp_path / "journal.sqlite3")
-    st = path.stat()
-    job = journal.enqueue(FileIdentity("media", "talk.mp4", st.st_size, st.st_mtime_ns), priority=0, now=0,
-                          skip_if_done=False)
-    assert job is not None
+    job_id = enqueue_file(journal, path, "talk.mp4", now=0)
     model = engine.registry.get(config.rule_for("media", "talk.mp4").model)
 
     def fake_gpu_fault(*_: object) -> None:  # FAKE: stands in for a CUDA kernel fault, no GPU here
@@ -213,5 +207,5 @@ def test_a_cuda_fault_requeues_the_job_and_ends_the_worker(
             Worker(lambda: config, journal, engine, owner="test:1", clock=lambda: 10.0).run_once()
     finally:
         handle.remove()
-    requeued = journal.get(job.id)
+    requeued = journal.get(job_id)
     assert requeued is not None and (requeued.state, requeued.attempts, requeued.crashes) == (JobState.QUEUED, 0, 1)

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MediaSet
+from conftest import MediaSet, enqueue_file
 
 from daemon.config import Config
-from daemon.journal import FileIdentity, JobState
+from daemon.journal import JobState
 from daemon.journal.sqlite import SqliteJournal
 from daemon.pipeline.transcribe import WhisperEngine
 from daemon.retry import backoff_window, retry_delay
@@ -115,14 +115,6 @@ def _worker_setup(
     return worker, journal
 
 
-def _enqueue(journal: SqliteJournal, path: Path, rel: str, now: float) -> int:
-    st = path.stat()
-    job = journal.enqueue(FileIdentity("media", rel, st.st_size, st.st_mtime_ns),
-                          priority=0, now=now, skip_if_done=False)
-    assert job is not None
-    return job.id
-
-
 def test_worker_retries_with_growing_delays_then_fails(
     tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
 ) -> None:
@@ -134,7 +126,7 @@ def test_worker_retries_with_growing_delays_then_fails(
     shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4")
     clock = [1000.0]
     worker, journal = _worker_setup(tmp_path, config, engine, clock)
-    job_id = _enqueue(journal, folder.inbox / "talk.mp4", "talk.mp4", now=clock[0])
+    job_id = enqueue_file(journal, folder.inbox / "talk.mp4", "talk.mp4", now=clock[0])
 
     waits = []
     for _ in range(3):
@@ -162,7 +154,7 @@ def test_worker_drops_a_file_that_vanished_before_its_claim(
     folder.inbox.mkdir(parents=True)
     path = Path(shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4"))
     worker, journal = _worker_setup(tmp_path, config, engine, [0.0])
-    _enqueue(journal, path, "talk.mp4", now=0)
+    enqueue_file(journal, path, "talk.mp4", now=0)
     path.unlink()
     assert worker.run_once() is not None
     assert journal.jobs() == []
@@ -180,7 +172,7 @@ def test_worker_keeps_each_archived_original_under_a_free_name(
     for n in range(2):
         path = Path(shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4"))
         os.utime(path, ns=(n * 10**9, n * 10**9))
-        _enqueue(journal, path, "talk.mp4", now=n)
+        enqueue_file(journal, path, "talk.mp4", now=n)
         assert worker.run_once() is not None
     assert sorted(p.name for p in folder.archive.iterdir()) == ["talk (1).mp4", "talk.mp4"]
     assert [p.name for p in folder.outbox.iterdir()] == ["talk.txt"]
@@ -195,7 +187,7 @@ def test_a_file_that_keeps_crashing_the_process_is_set_aside(
     folder.inbox.mkdir(parents=True)
     shutil.copyfile(media_set.speech_mp4, folder.inbox / "poison.mp4")
     worker, journal = _worker_setup(tmp_path, config, engine, [10.0])
-    job_id = _enqueue(journal, folder.inbox / "poison.mp4", "poison.mp4", now=0)
+    job_id = enqueue_file(journal, folder.inbox / "poison.mp4", "poison.mp4", now=0)
     for n in range(3):  # what three restarts after a crash leave behind
         assert journal.claim(["media"], now=n + 1, owner="gone:1") is not None
         journal.recover(lambda owner: True, now=n + 1)
@@ -217,7 +209,7 @@ def test_a_symlink_planted_in_the_processing_area_is_refused(
     worker, journal = _worker_setup(tmp_path, config, engine, [10.0])
     folder.inbox.mkdir(parents=True)
     (folder.inbox / "talk.mp4").write_text("placeholder")
-    job_id = _enqueue(journal, folder.inbox / "talk.mp4", "talk.mp4", now=0)
+    job_id = enqueue_file(journal, folder.inbox / "talk.mp4", "talk.mp4", now=0)
     planted = folder.inbox / ".whisperd" / "processing" / str(job_id) / "talk.mp4"
     planted.parent.mkdir(parents=True)
     planted.symlink_to(secret)
@@ -240,7 +232,7 @@ def test_a_published_job_resumes_with_the_disposal_only(
     waiting = folder.inbox / ".whisperd" / "processing" / "1" / "talk.mp4"
     waiting.parent.mkdir(parents=True)
     shutil.copyfile(media_set.speech_mp4, waiting)
-    job_id = _enqueue(journal, waiting, "talk.mp4", now=0)
+    job_id = enqueue_file(journal, waiting, "talk.mp4", now=0)
     journal.claim(["media"], now=1, owner="gone:1")
     journal.set_processing(job_id, waiting, now=1)
     journal.mark_published(job_id, [folder.outbox / "talk.srt"], {}, now=2)
@@ -262,7 +254,7 @@ def test_a_job_whose_original_already_reached_the_archive_is_finished(
     folder.archive.mkdir(parents=True)
     archived = folder.archive / "talk.mp4"
     archived.write_text("x")
-    job_id = _enqueue(journal, archived, "talk.mp4", now=0)
+    job_id = enqueue_file(journal, archived, "talk.mp4", now=0)
     journal.claim(["media"], now=1, owner="gone:1")
     journal.set_processing(job_id, folder.inbox / ".whisperd" / "processing" / str(job_id) / "talk.mp4", now=1)
     journal.mark_published(job_id, [], {}, now=2)
