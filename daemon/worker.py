@@ -116,7 +116,7 @@ class Worker:
                                  path=job.rel_path, stage="claim") from None
             if source is None:
                 return
-            if job.crashes >= CRASH_LIMIT:
+            if job.crashes >= CRASH_LIMIT and job.published_at is None:
                 raise MediaError(
                     f"whisperd stopped {job.crashes} times while processing this file (killed, out of "
                     "memory, watchdog or GPU fault); it is set aside so the others can flow",
