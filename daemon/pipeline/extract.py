@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from daemon import proc
 from daemon.control import JobControl
-from daemon.errors import MediaError, ToolError, ToolTimeout, TransientError
+from daemon.errors import MediaError
 from daemon.pipeline.probe import AudioStream, MediaInfo
+from daemon.pipeline.tools import run_on_file
 
 STAGE = "extract"
 SAMPLE_RATE = 16000  # what whisper's feature extractor expects
@@ -50,16 +50,8 @@ def extract(
 ) -> Audio:
     """Return the stream's audio; raise MediaError when ffmpeg cannot decode it."""
     argv = extract_argv(info.path, stream)
-    try:
-        result = proc.run(argv, timeout_s=timeout_s, control=control)
-    except ToolTimeout as err:
-        raise TransientError.from_tool(str(err), err, path=info.path, stage=STAGE) from err
-    except ToolError as err:
-        if err.abnormal:  # ffmpeg missing, or killed (OOM, a signal): the file may be fine
-            raise TransientError.from_tool(str(err), err, path=info.path, stage=STAGE) from err
-        raise MediaError.from_tool(
-            f"ffmpeg could not decode audio stream {stream.index}", err, path=info.path, stage=STAGE
-        ) from err
+    result = run_on_file(argv, path=info.path, stage=STAGE, timeout_s=timeout_s, control=control,
+                         reason=lambda _: f"ffmpeg could not decode audio stream {stream.index}")
     # A writable copy: torch refuses to wrap read-only buffers without a warning.
     samples = np.frombuffer(result.stdout, dtype="<f4").astype(np.float32, copy=True)
     if samples.size == 0:

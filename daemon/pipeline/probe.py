@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon import proc
 from daemon.config import Rule
 from daemon.control import JobControl
-from daemon.errors import MediaError, ToolError, ToolTimeout, TransientError
+from daemon.errors import MediaError, ToolError, TransientError
 from daemon.languages import language_from_tag
+from daemon.pipeline.tools import run_on_file
 
 STAGE = "probe"
 
@@ -100,23 +100,18 @@ def probe(path: Path, *, timeout_s: float = 60.0, control: JobControl | None = N
         raise TransientError(f"cannot read the file: {err.strerror}", path=path, stage=STAGE) from err
     if size == 0:
         raise MediaError("the file is empty (0 bytes)", path=path, stage=STAGE)
-    argv = probe_argv(path)
-    try:
-        result = proc.run(argv, timeout_s=timeout_s, control=control)
-    except ToolTimeout as err:
-        raise TransientError.from_tool(str(err), err, path=path, stage=STAGE) from err
-    except ToolError as err:
-        if err.abnormal:  # ffprobe missing, or killed (OOM, a signal): the file may be fine
-            raise TransientError.from_tool(str(err), err, path=path, stage=STAGE) from err
-        reason = "not a media file ffprobe can read"
-        if err.stderr_tail.strip():
-            reason += f" ({err.stderr_tail.strip().splitlines()[-1]})"
-        raise MediaError.from_tool(reason, err, path=path, stage=STAGE) from err
+    result = run_on_file(probe_argv(path), path=path, stage=STAGE, timeout_s=timeout_s, control=control,
+                         reason=_unreadable)
     try:
         data = json.loads(result.stdout or b"{}")
     except json.JSONDecodeError as err:
         raise MediaError(f"ffprobe printed unreadable JSON: {err}", path=path, stage=STAGE) from err
     return parse_probe(path, data)
+
+
+def _unreadable(err: ToolError) -> str:
+    last = err.stderr_tail.strip().splitlines()[-1] if err.stderr_tail.strip() else ""
+    return "not a media file ffprobe can read" + (f" ({last})" if last else "")
 
 
 def select_stream(info: MediaInfo, rule: Rule) -> AudioStream:
