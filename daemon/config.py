@@ -152,6 +152,8 @@ class Rule(_Strict):
     logprob_threshold: float | None = Field(-1.0, description="retry a window hotter when its average log-probability is below this; null disables")
     condition_on_previous_text: bool = Field(True, description="feed the previous window's text as a prompt; false resists repetition loops")
     hallucination_silence_threshold: float | None = Field(None, gt=0, description="skip silences longer than this many seconds around a likely hallucination (needs word_timestamps)")
+    skip_silence: Seconds = Field(3.0, description="decode around silences at least this long (below silence_threshold_db), so cues after them start on time and nothing is invented over them; 0 decodes everything")
+    silence_threshold_db: float = Field(-60.0, le=0, description="RMS level in dBFS (per 20 ms) below which audio counts as silence for skip_silence")
     max_attempts: int = Field(5, ge=1, description="attempts for a transiently failing file before it goes to the failed folder")
     retry_base_delay: Seconds = Field(30.0, description="first retry delay; doubles each attempt, with full jitter")
     retry_max_delay: Seconds = Field(3600.0, description="cap on the retry delay")
@@ -180,6 +182,8 @@ class Rule(_Strict):
             found.append("max_line_count needs max_line_width")
         if self.max_words_per_line is not None and self.max_line_width is not None:
             found.append("max_words_per_line and max_line_width cannot be combined (whisper uses one)")
+        if 0 < self.skip_silence < 1:
+            found.append("skip_silence must be 0 (off) or at least 1 second")
         if self.retry_max_delay < self.retry_base_delay:
             found.append("retry_max_delay is smaller than retry_base_delay")
         return found

@@ -199,6 +199,16 @@ def test_layout_options_need_word_timestamps(tmp_path: Path) -> None:
     assert parse_config({"defaults": {"max_line_width": 42, "word_timestamps": True}})
 
 
+def test_skip_silence_is_off_or_at_least_a_second() -> None:
+    """skip_silence takes 0 (off) or a duration of 1 s or more; a positive silence level is refused."""
+    with pytest.raises(ConfigError, match=r"skip_silence must be 0 \(off\) or at least 1 second"):
+        parse_config({"defaults": {"skip_silence": 0.5}})
+    with pytest.raises(ConfigError, match=r"silence_threshold_db"):
+        parse_config({"defaults": {"silence_threshold_db": 3}})
+    assert parse_config({"defaults": {"skip_silence": "10s"}}).defaults.skip_silence == 10.0
+    assert parse_config({"defaults": {"skip_silence": 0}}).defaults.skip_silence == 0.0
+
+
 def test_builtin_ignores_and_globs(tmp_path: Path) -> None:
     """Partial downloads and OS droppings are ignored; include/exclude apply case-insensitively."""
     config = parse_config({"folders": [_folder(tmp_path, include=["*.mp4", "*.mkv"], exclude=["drafts/*"])]})

@@ -17,7 +17,8 @@ from daemon.config import Rule
 from daemon.errors import GpuFault, TransientError
 from daemon.languages import language_from_tag
 from daemon.models import ModelRegistry
-from daemon.pipeline.extract import Audio
+from daemon.pipeline.extract import SAMPLE_RATE, Audio
+from daemon.pipeline.silence import speech_spans
 
 STAGE = "transcribe"
 
@@ -161,6 +162,22 @@ class _ProgressBar:
             _ProgressBar.current(min(self.done / self.total, 1.0))
 
 
+def detect_language(model: Any, audio: Audio, *, start_s: float, fp16: bool) -> str:
+    """Return the language whisper detects in the 30 s of audio from start_s (as transcribe does it)."""
+    import torch
+    import whisper
+    from whisper.audio import N_FRAMES, N_SAMPLES
+
+    if not model.is_multilingual:
+        return "en"
+    first = int(start_s * SAMPLE_RATE)
+    window = torch.from_numpy(audio.samples[first : first + N_SAMPLES])
+    mel = whisper.log_mel_spectrogram(window, model.dims.n_mels, padding=N_SAMPLES)[:, :N_FRAMES]
+    mel = whisper.pad_or_trim(mel, N_FRAMES).to(model.device).to(torch.float16 if fp16 else torch.float32)
+    _, probs = model.detect_language(mel)
+    return str(max(probs, key=probs.get))
+
+
 class WhisperEngine:
     """Runs whisper's transcribe on resident models, one call at a time."""
 
@@ -169,6 +186,25 @@ class WhisperEngine:
         # One decode at a time: a GPU runs one model's work well, and the progress hook is global.
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _clips(audio: Audio, rule: Rule) -> list[float]:
+        """Return whisper's clip_timestamps (start, end, start, end, …) around long silences.
+
+        Empty when there is nothing to skip, or nothing but silence (whisper's no-speech guard
+        then decides, as without skip_silence).
+        """
+        if rule.skip_silence <= 0:
+            return []
+        spans = speech_spans(audio.samples, min_silence_s=rule.skip_silence, threshold_db=rule.silence_threshold_db)
+        if not spans or (len(spans) == 1 and spans[0].start == 0 and spans[0].end >= audio.duration_s):
+            return []
+        clips = [t for span in spans for t in (span.start, span.end)]
+        if spans[-1].end >= audio.duration_s - 0.01:
+            # An odd count lets whisper end the last clip at its own last frame: an end even 10 ms
+            # past it leaves whisper decoding empty windows forever (whisper 20250625).
+            clips.pop()
+        return clips
+
     def transcribe(self, audio: Audio, rule: Rule, progress: Progress | None = None) -> Transcript:
         """Return the transcript of the audio under the rule; GPU out-of-memory is transient."""
         import torch
@@ -176,12 +212,18 @@ class WhisperEngine:
 
         model = self.registry.get(rule.model)
         options = decode_options(rule, audio, fp16=self.registry.fp16)
+        clips = self._clips(audio, rule)
+        if clips:
+            options["clip_timestamps"] = clips
         module = sys.modules["whisper.transcribe"]  # the module, not the function of that name
         with self._lock:
             saved = module.tqdm
             module.tqdm = SimpleNamespace(tqdm=_ProgressBar)  # type: ignore[attr-defined]
             _ProgressBar.current = progress
             try:
+                if clips and options["language"] is None:
+                    # whisper detects the language on the file's first 30 s, which may be silence
+                    options["language"] = detect_language(model, audio, start_s=clips[0], fp16=self.registry.fp16)
                 result = whisper.transcribe(model, audio.samples, **options)
             except torch.cuda.OutOfMemoryError as err:
                 torch.cuda.empty_cache()
