@@ -54,6 +54,9 @@ def test_a_noise_floor_above_the_threshold_is_never_skipped() -> None:
     """A room's hiss at -50 dBFS is not silence at the -60 dBFS default: nothing is skipped."""
     found = spans(tone(1), quiet(10, level_db=-50), tone(1))
     assert found == (Span(0.0, 12.0),)
+    audio = np.concatenate([tone(1), quiet(10, level_db=-50), tone(1)])
+    louder_threshold = speech_spans(audio, min_silence_s=3.0, threshold_db=-40.0)
+    assert louder_threshold == (Span(0.0, 1.0 + EDGE_S), Span(11.0 - EDGE_S, 12.0))
 
 
 def test_hiss_below_the_threshold_counts_as_silence() -> None:
