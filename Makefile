@@ -55,7 +55,7 @@ test: setup-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup-test
-	$(BIN)/ruff check daemon tests tools
+	$(BIN)/ruff check daemon tests tools bench
 	$(BIN)/mypy daemon
 
 clean:

@@ -27,7 +27,7 @@ from daemon.config import (
 )
 from daemon.errors import ConfigError, JobError, ModelError, ToolMissing
 from daemon.journal import JobState
-from daemon.models import ModelRegistry, is_checkpoint_path
+from daemon.models import ModelRegistry, is_path_setting
 from daemon.operations import OperationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--folder", help="copy files from outside every inbox into this folder's inbox")
     e.add_argument("--config", "-c", type=Path, default=default_config, help=config_help)
 
+    m = sub.add_parser("models", help="list the configured models: kind, where on disk, resident in a daemon; "
+                       "or pull / import one ahead of time")
+    m.add_argument("--config", "-c", type=Path, default=default_config, help=config_help)
+    m.add_argument("--model-dir", "--model_dir", type=Path, help="use this model_dir instead of the config's")
+    m.add_argument("--json", action="store_true", help="print JSON (the listing)")
+    actions = m.add_subparsers(dest="action", metavar="ACTION")
+    pull = actions.add_parser("pull", help="download OpenAI models into model_dir now, checksum-verified")
+    pull.add_argument("names", nargs="+", metavar="NAME", help="an OpenAI model name (tiny … large-v3, turbo)")
+    imp = actions.add_parser("import", help="convert a Hugging Face or CTranslate2 folder into model_dir's cache now")
+    imp.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a model folder (or .pt file, to check it)")
+
     c = sub.add_parser("check-config", help="validate a config file and print each folder's resolved rules")
     c.add_argument("config", type=Path, metavar="FILE")
 
@@ -143,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "retry": cmd_retry,
         "enqueue": cmd_enqueue,
         "config-schema": cmd_config_schema,
+        "models": cmd_models,
     }[args.command]
     try:
         return handler(args)
@@ -231,6 +243,111 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     return _report(operations.enqueue(config, journal, items, folder=args.folder), "queued")
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """List configured models, or pull / import some into model_dir."""
+    config = load_config(args.config)
+    if args.model_dir is not None:
+        config.settings = config.settings.model_copy(update={"model_dir": args.model_dir.resolve()})
+    if args.action == "pull":
+        return _models_pull(config, args.names)
+    if args.action == "import":
+        return _models_import(config, args.paths)
+    from daemon.instances import owner_is_dead
+    from daemon.journal import open_journal
+    from daemon.models.inventory import format_inventory, inventory
+
+    try:
+        journal = open_journal(config.settings.state_dir, create=False)
+        instances = journal.instances()
+    except FileNotFoundError:
+        instances = []
+    alive = {i.owner for i in instances if not owner_is_dead(i.owner)}
+    report = inventory(config, instances, alive)
+    if args.json:
+        import dataclasses
+
+        print(json.dumps(dataclasses.asdict(report), indent=2, default=str))
+    else:
+        print(format_inventory(report))
+    return EXIT_OK
+
+
+def _models_pull(config: Config, names: Sequence[str]) -> int:
+    from daemon.models import download
+    from daemon.models.sources import named_models
+
+    unknown = [n for n in names if n not in named_models()]
+    if unknown:
+        print(f"whisperd: not OpenAI model names: {', '.join(unknown)}; available: {', '.join(named_models())} "
+              "(for a model folder use `whisperd models import PATH`)", file=sys.stderr)
+        return EXIT_USAGE
+    catalog = download.catalog(config.settings.model_mirror)
+    failures = 0
+    for name in names:
+        model = catalog[name]
+        if download.verified_path(model, config.settings.model_dir) is not None:
+            print(f"{name}: already in {model.path(config.settings.model_dir)} (checksum verified)")
+            continue
+        try:
+            with _download_bar(name) as progress:
+                path = download.fetch(model, config.settings.model_dir, progress)
+        except ModelError as err:
+            failures += 1
+            print(f"whisperd: {err}", file=sys.stderr)
+            continue
+        print(f"{name}: downloaded to {path} (sha256 {model.sha256[:12]}… verified)")
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _models_import(config: Config, paths: Sequence[Path]) -> int:
+    from daemon.models import identify
+    from daemon.models.registry import read_source
+
+    failures = 0
+    for path in paths:
+        setting = str(path.expanduser().resolve())
+        started = time.monotonic()
+        try:
+            source = identify(setting)
+            checkpoint, origin = read_source(source, config.settings.model_dir)
+        except ModelError as err:
+            failures += 1
+            print(f"whisperd: {err}", file=sys.stderr)
+            continue
+        dims = checkpoint.dims
+        shape = (f"{dims.n_audio_layer}+{dims.n_text_layer} layers, width {dims.n_audio_state}, "
+                 f"{'multilingual' if dims.n_vocab >= 51865 else 'English-only'}")
+        what = {"converted": "converted and cached", "cache": "already converted",
+                "file": "a whisper checkpoint, loaded as it is"}[origin]
+        print(f"{setting}: {source.describe()} ({shape}): {what} in {time.monotonic() - started:.1f} s; "
+              f"use it with  model: {setting}")
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+class _download_bar:
+    """A tqdm bar of bytes on a terminal, nothing otherwise."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        def update(done: int, total: int | None) -> None:
+            if self.bar is None:
+                self.bar = tqdm(total=total, desc=self.name, unit="B", unit_scale=True, unit_divisor=1024)
+            self.bar.update(done - self.bar.n)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def cmd_config_schema(args: argparse.Namespace) -> int:
     """Print the JSON Schema of the config file."""
     print(json.dumps(json_schema(), indent=2))
@@ -262,7 +379,7 @@ def _show(value: Any) -> str:
 def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {name: getattr(args, name) for name in RULE_FIELDS if hasattr(args, name)}
     model = overrides.get("model")
-    if isinstance(model, str) and is_checkpoint_path(model):
+    if isinstance(model, str) and is_path_setting(model):
         overrides["model"] = str(Path(model).expanduser().resolve())
     return overrides
 
@@ -292,6 +409,7 @@ def cmd_transcribe(args: argparse.Namespace, registry: ModelRegistry | None = No
         args.model_dir or settings.model_dir,
         args.device or settings.device,
         args.threads if args.threads is not None else settings.torch_threads,
+        mirror=settings.model_mirror,
     )
     engine = WhisperEngine(registry)
     failures = 0

@@ -112,10 +112,10 @@ ConfigPath = Annotated[Path, BeforeValidator(_resolve_path)]
 
 
 def _resolve_model(value: Any, info: ValidationInfo) -> Any:
-    """Leave a model name alone; make a checkpoint path absolute like any other config path."""
-    from daemon.models import is_checkpoint_path
+    """Leave a model name alone; make a file or folder path absolute like any other config path."""
+    from daemon.models import is_path_setting
 
-    if isinstance(value, str) and is_checkpoint_path(value):
+    if isinstance(value, str) and is_path_setting(value):
         return str(_resolve_path(value, info))
     return value
 
@@ -131,7 +131,7 @@ class _Strict(BaseModel):
 class Rule(_Strict):
     """Everything that decides how one file is processed. Field names follow whisper's CLI."""
 
-    model: ModelName = Field("small", description="whisper model name (tiny … large-v3, turbo) or path to a .pt checkpoint")
+    model: ModelName = Field("small", description="an OpenAI model name (tiny … large-v3, turbo), or a path to a whisper .pt file, a Hugging Face Whisper folder or a CTranslate2 Whisper folder")
     task: Literal["transcribe", "translate"] = Field("transcribe", description="translate always produces English")
     language: Language = Field("auto", description="'auto' detects; 'track' uses the audio track's language tag (else detects); or a code/name such as 'fr' or 'french'")
     audio_track: AudioTrack = Field("default", description="'default' (the track marked default, else the first), an index among audio tracks (0 = first), or a language tag to prefer such as 'fra'")
@@ -161,17 +161,10 @@ class Rule(_Strict):
 
     def problems(self) -> list[str]:
         """Return what is wrong with this combination of settings (empty when it is coherent)."""
-        found = []
-        model = self.model.lower()
-        if self.task == "translate" and "turbo" in model:
-            found.append(
-                f"task 'translate' with model {self.model!r}: the turbo model is not trained to "
-                "translate; use 'medium' or 'large-v3' for translation"
-            )
-        if model.endswith(".en") and self.task == "translate":
-            found.append(f"model {self.model!r} is English-only and cannot translate")
-        if model.endswith(".en") and self.language not in ("auto", "track", "en"):
-            found.append(f"model {self.model!r} is English-only; language must be 'en' or 'auto'")
+        from daemon.models import task_problems
+
+        # English-only and turbo models, told by name or, for files and folders, by their dimensions.
+        found = task_problems(self.model, self.task, self.language)
         needs_words = [
             name for name in ("max_line_width", "max_words_per_line", "hallucination_silence_threshold")
             if getattr(self, name) is not None
@@ -194,7 +187,11 @@ class Rule(_Strict):
 
     def output_filename(self, stem: str, ext: str, lang: str) -> str:
         """Return the output file name for one format, from the validated template."""
-        model = Path(self.model).stem if self.model.endswith(".pt") else self.model
+        from daemon.models import is_path_setting
+
+        model = self.model
+        if is_path_setting(model):  # a file's stem or a folder's name, never a path
+            model = Path(model).stem if model.endswith(".pt") else Path(model).name
         return self.output_name.format(stem=stem, ext=ext, lang=lang, task=self.task, model=model)
 
 
@@ -272,7 +269,8 @@ class Settings(_Strict):
     """Process-wide settings."""
 
     state_dir: ConfigPath = Field(Path("/var/lib/whisperd"), description="the journal and other state (local disk)")
-    model_dir: ConfigPath = Field(Path("/var/cache/whisperd/models"), description="named models download here")
+    model_dir: ConfigPath = Field(Path("/var/cache/whisperd/models"), description="named models download here, and converted Hugging Face and CTranslate2 models are cached here")
+    model_mirror: Optional[str] = Field(None, pattern=r"^(https?|file)://", description="download named models from this base URL (a mirror holding OpenAI's files under their own names) instead of OpenAI's; the checksums are still OpenAI's")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (cuda when available), cpu, cuda or cuda:N")
     preload_models: tuple[ModelName, ...] = Field((), description="models loaded at start-up so the first file waits for nothing")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default. On small CPUs, 1 is often fastest for small models")
@@ -349,9 +347,9 @@ def _is_within(inner: Path, outer: Path) -> bool:
 
 
 def _model_problems(model: str) -> list[str]:
-    from daemon.models import model_problem
+    from daemon.models import source_problem
 
-    problem = model_problem(model)
+    problem = source_problem(model)
     return [problem] if problem else []
 
 

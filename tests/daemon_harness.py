@@ -62,6 +62,13 @@ class Daemon:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def owner(self) -> str:
+        """Return the running daemon's owner token (host:pid), as the journal records it."""
+        import socket
+
+        return f"{socket.gethostname()}:{self.pid}"
+
     def events(self, name: str | None = None, *, all_runs: bool = False) -> list[dict[str, Any]]:
         """Return the JSON log events of this run (or all runs), optionally only one kind."""
         if not self.log_path.exists():

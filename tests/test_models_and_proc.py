@@ -9,7 +9,7 @@ import pytest
 
 from daemon import proc
 from daemon.errors import ModelError, ToolError, ToolTimeout
-from daemon.models import ModelRegistry, model_problem
+from daemon.models import ModelRegistry, source_problem
 
 
 def test_registry_keeps_each_model_resident(checkpoint: Path, tmp_path: Path) -> None:
@@ -24,18 +24,18 @@ def test_registry_keeps_each_model_resident(checkpoint: Path, tmp_path: Path) ->
 def test_unknown_model_lists_the_available_names(tmp_path: Path) -> None:
     """An unknown name is refused with whisper's list of official models, and nothing downloads."""
     registry = ModelRegistry(tmp_path / "models", device="cpu")
-    with pytest.raises(ModelError, match=r"unknown model 'huge'; available: .*large-v3.*turbo"):
+    with pytest.raises(ModelError, match=r"unknown model 'huge'; available: .*large-v3.*turbo.*CTranslate2"):
         registry.get("huge")
     assert not (tmp_path / "models").exists()
     missing = tmp_path / "missing.pt"
-    assert model_problem(str(missing)) == f"checkpoint file not found: {missing}"
+    assert source_problem(str(missing)) == f"checkpoint file not found: {missing}"
 
 
 def test_corrupt_checkpoint_is_a_model_error(tmp_path: Path) -> None:
     """A file that is not a checkpoint fails with the model's name, not a torch traceback."""
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelError, match="cannot load model"):
+    with pytest.raises(ModelError, match=f"{bad}: not a whisper checkpoint torch can read"):
         ModelRegistry(tmp_path, device="cpu").get(str(bad))
 
 

@@ -79,6 +79,16 @@ class Job:
         return Path(self.processing_path) if self.processing_path else None
 
 
+@dataclass(frozen=True)
+class Instance:
+    """A running whisperd process as it last reported itself."""
+
+    owner: str  # host:pid, as in Job.owner
+    started_at: float
+    beat_at: float  # the last time it said it was alive
+    models: tuple[str, ...]  # the models resident in it
+
+
 def open_journal(state_dir: Path, *, create: bool = True) -> Journal:
     """Return the journal kept under the state directory (the one place that picks its backend).
 
@@ -141,8 +151,11 @@ class Journal(Protocol):
         """Count a failed attempt and end the job as failed."""
         ...
 
-    def requeue(self, job_id: int, *, now: float, crashed: bool = False) -> None:
-        """Return a running job to the queue without counting an attempt; `crashed` counts a crash."""
+    def requeue(self, job_id: int, *, now: float, crashed: bool = False, due: float | None = None) -> None:
+        """Return a running job to the queue without counting an attempt; `crashed` counts a crash.
+
+        `due` (default now) is when it may be claimed again.
+        """
         ...
 
     def drop(self, job_id: int) -> None:
@@ -167,6 +180,18 @@ class Journal(Protocol):
 
     def next_due_at(self, folders: Collection[str]) -> float | None:
         """Return when the earliest waiting job of these folders is due, or None."""
+        ...
+
+    def beat_instance(self, owner: str, *, now: float, started_at: float, models: Sequence[str]) -> None:
+        """Record that a daemon process is alive, and which models it holds."""
+        ...
+
+    def remove_instance(self, owner: str) -> None:
+        """Forget a daemon process that stopped cleanly."""
+        ...
+
+    def instances(self) -> list[Instance]:
+        """Return the daemon processes that reported themselves, most recent beat first."""
         ...
 
     def close(self) -> None:

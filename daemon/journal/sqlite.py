@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from daemon.journal import FileIdentity, Job, JobState
+from daemon.journal import FileIdentity, Instance, Job, JobState
 
 # Each entry migrates the schema from version i to i + 1; never edit a released entry.
 MIGRATIONS: tuple[str, ...] = (
@@ -57,6 +57,15 @@ MIGRATIONS: tuple[str, ...] = (
     # attempt (the file may be fine), but a file that keeps killing whisperd must be set aside.
     """
     ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 4: the daemon processes and the models resident in each (`whisperd models`).
+    """
+    CREATE TABLE instances (
+        owner TEXT PRIMARY KEY,
+        started_at REAL NOT NULL,
+        beat_at REAL NOT NULL,
+        models TEXT NOT NULL DEFAULT '[]'
+    );
     """,
 )
 
@@ -229,12 +238,15 @@ class SqliteJournal:
             (error, stage, str(disposed_path) if disposed_path else None, now, now),
         )
 
-    def requeue(self, job_id: int, *, now: float, crashed: bool = False) -> None:
-        """Return a running job to the queue without counting an attempt; `crashed` counts a crash."""
+    def requeue(self, job_id: int, *, now: float, crashed: bool = False, due: float | None = None) -> None:
+        """Return a running job to the queue without counting an attempt; `crashed` counts a crash.
+
+        `due` (default now) is when it may be claimed again.
+        """
         self._update(
             job_id,
             "state='queued', owner=NULL, progress=NULL, next_attempt_at=?, updated_at=?, crashes=crashes+?",
-            (now, now, int(crashed)),
+            (now if due is None else due, now, int(crashed)),
         )
 
     def drop(self, job_id: int) -> None:
@@ -297,6 +309,26 @@ class SqliteJournal:
         )
         value = rows[0][0] if rows else None
         return float(value) if value is not None else None
+
+    def beat_instance(self, owner: str, *, now: float, started_at: float, models: Sequence[str]) -> None:
+        """Record that a daemon process is alive, and which models it holds."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO instances (owner, started_at, beat_at, models) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (owner) DO UPDATE SET beat_at=excluded.beat_at, models=excluded.models,"
+                " started_at=excluded.started_at",
+                (owner, started_at, now, json.dumps(list(models))),
+            )
+
+    def remove_instance(self, owner: str) -> None:
+        """Forget a daemon process that stopped cleanly."""
+        with self._write() as db:
+            db.execute("DELETE FROM instances WHERE owner=?", (owner,))
+
+    def instances(self) -> list[Instance]:
+        """Return the daemon processes that reported themselves, most recent beat first."""
+        rows = self._read("SELECT * FROM instances ORDER BY beat_at DESC")
+        return [Instance(r["owner"], r["started_at"], r["beat_at"], tuple(json.loads(r["models"]))) for r in rows]
 
     def close(self) -> None:
         """Close the connection."""
