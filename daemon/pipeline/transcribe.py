@@ -187,16 +187,18 @@ class WhisperEngine:
         self._lock = threading.Lock()
 
     @staticmethod
-    def _clips(audio: Audio, rule: Rule) -> list[float]:
+    def _clips(audio: Audio, rule: Rule) -> list[float] | None:
         """Return whisper's clip_timestamps (start, end, start, end, …) around long silences.
 
-        Empty when there is nothing to skip, or nothing but silence (whisper's no-speech guard
-        then decides, as without skip_silence).
+        Empty when there is nothing to skip; None when there is nothing but silence: whisper would
+        invent a word or two there ("you"), whatever its no-speech guard says.
         """
         if rule.skip_silence <= 0:
             return []
         spans = speech_spans(audio.samples, min_silence_s=rule.skip_silence, threshold_db=rule.silence_threshold_db)
-        if not spans or (len(spans) == 1 and spans[0].start == 0 and spans[0].end >= audio.duration_s):
+        if not spans:
+            return None
+        if len(spans) == 1 and spans[0].start == 0 and spans[0].end >= audio.duration_s:
             return []
         clips = [t for span in spans for t in (span.start, span.end)]
         if spans[-1].end >= audio.duration_s - 0.01:
@@ -204,6 +206,18 @@ class WhisperEngine:
             # past it leaves whisper decoding empty windows forever (whisper 20250625).
             clips.pop()
         return clips
+
+    def _silent(
+        self, model: Any, audio: Audio, rule: Rule, language: str | None, progress: Progress | None
+    ) -> Transcript:
+        """Return the empty transcript of audio that holds nothing but silence (nothing is decoded)."""
+        if language is None:  # the outputs still carry a language; detect it as whisper would
+            with self._lock:
+                language = detect_language(model, audio, start_s=0.0, fp16=self.registry.fp16)
+        if progress is not None:
+            progress(1.0)
+        return Transcript(text="", language=language, segments=(), task=rule.task, model=rule.model,
+                          audio_duration_s=audio.duration_s)
 
     def transcribe(self, audio: Audio, rule: Rule, progress: Progress | None = None) -> Transcript:
         """Return the transcript of the audio under the rule; GPU out-of-memory is transient."""
@@ -213,6 +227,8 @@ class WhisperEngine:
         model = self.registry.get(rule.model)
         options = decode_options(rule, audio, fp16=self.registry.fp16)
         clips = self._clips(audio, rule)
+        if clips is None:
+            return self._silent(model, audio, rule, options["language"], progress)
         if clips:
             options["clip_timestamps"] = clips
         module = sys.modules["whisper.transcribe"]  # the module, not the function of that name
