@@ -137,7 +137,7 @@ def test_status_json_shows_the_running_job_its_progress_and_the_queue(
     import subprocess
     import sys
 
-    long_clip = media.tone_wav(tmp_path / "long.wav", seconds=150)
+    long_clip = media.tone_wav(tmp_path / "long.wav", seconds=600)  # runs far longer than `status` starts
     daemon = make_daemon()
     daemon.data["defaults"]["sample_len"] = 224  # a job of several seconds
     daemon.write_config(daemon.data)
