@@ -11,9 +11,11 @@ DEMO_CONFIG ?= demo/config.yaml
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
-RUN_PACKAGES  := ffmpeg python3-venv
-# systemd and procps: the tests verify the unit files with systemd-analyze (ExecReload uses /bin/kill).
-TEST_PACKAGES := $(RUN_PACKAGES) espeak-ng sox systemd procps
+# util-linux (prlimit, ionice) and coreutils (nice) run ffmpeg under limits; both are essential on Debian.
+RUN_PACKAGES  := ffmpeg python3-venv util-linux
+# systemd and procps: the tests verify the unit files with systemd-analyze (ExecReload uses /bin/kill);
+# strace: the hostile-input corpus traces the daemon's system calls.
+TEST_PACKAGES := $(RUN_PACKAGES) espeak-ng sox systemd procps strace
 
 .PHONY: setup setup-test run test lint clean
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from daemon import __version__
+from daemon import __version__, names
 from daemon.config import (
     OUTPUT_FORMATS,
     RULE_FIELDS,
@@ -213,9 +213,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def _report(outcome: Any, verb: str) -> int:
     for line in outcome.done:
-        print(f"{verb}: {line}")
+        print(names.printable(f"{verb}: {line}"))
     for line in outcome.skipped:
-        print(f"skipped: {line}", file=sys.stderr)
+        print(names.printable(f"skipped: {line}"), file=sys.stderr)
     return EXIT_OK if not outcome.skipped else EXIT_FAILED
 
 
@@ -434,7 +434,7 @@ def cmd_transcribe(args: argparse.Namespace, registry: ModelRegistry | None = No
             print(f"whisperd: {source}: {getattr(err, 'reason', err)}", file=sys.stderr)
             continue
         for path in result.outputs:
-            print(path)
+            print(names.escape(str(path)))
     return EXIT_FAILED if failures else EXIT_OK
 
 

@@ -188,11 +188,18 @@ class Rule(_Strict):
     def output_filename(self, stem: str, ext: str, lang: str) -> str:
         """Return the output file name for one format, from the validated template."""
         from daemon.models import is_path_setting
+        from daemon.names import fit
 
         model = self.model
         if is_path_setting(model):  # a file's stem or a folder's name, never a path
             model = Path(model).stem if model.endswith(".pt") else Path(model).name
-        return self.output_name.format(stem=stem, ext=ext, lang=lang, task=self.task, model=model)
+        name = self.output_name.format(stem=stem, ext=ext, lang=lang, task=self.task, model=model)
+        if "{stem}" not in self.output_name:
+            return name
+        # Too long for the file system (a 250-byte original name): shorten the stem, keep the rest.
+        head, _, _ = self.output_name.partition("{stem}")
+        prefix = head.format(ext=ext, lang=lang, task=self.task, model=model)
+        return fit(stem, name[len(prefix) + len(stem):], prefix)
 
 
 RULE_FIELDS = tuple(Rule.model_fields)
@@ -236,7 +243,7 @@ class Folder(_RuleOverrides):  # type: ignore[misc,valid-type]
     include: tuple[str, ...] = Field(("*",), description="globs a file must match (relative path, case-insensitive)")
     exclude: tuple[str, ...] = Field((), description="globs that skip a file, on top of the built-in ignores (dotfiles, *.part, …)")
     recursive: bool = Field(True, description="watch subfolders too")
-    processing: Optional[ConfigPath] = Field(None, description="where originals wait while being processed; must be on the inbox's filesystem (default: <inbox>/.whisperd/processing)")
+    processing: Optional[ConfigPath] = Field(None, description="where originals wait while being processed; on the inbox's file system, where share users cannot write (default: <state_dir>/processing/<name> when the state directory is on the inbox's mount, else <inbox>/.whisperd/processing, made 0700)")
     priority: int = Field(0, description="higher runs first when several folders have work waiting")
     rules: tuple[RuleEntry, ...] = Field((), description="first matching entry's settings win over the folder's, which win over defaults")
 
@@ -490,6 +497,14 @@ def _cross_check(
                     problems.append(ConfigProblem(
                         f"folders[{j}].{role}",
                         f"lies inside the inbox of folders[{i}] ({folder.inbox}); whisperd would process its own output",
+                    ))
+                elif i != j and _is_within(target, folder.inbox):
+                    # Hidden in its own inbox, a folder is reached from that inbox without following
+                    # links; inside another folder's inbox it would be trusted as written.
+                    problems.append(ConfigProblem(
+                        f"folders[{j}].{role}",
+                        f"lies inside the inbox of folders[{i}] ({folder.inbox}), where that share's users can "
+                        "replace it with a link; keep it out of other folders' inboxes",
                     ))
     return problems
 

@@ -8,6 +8,7 @@ WhisperdError
 ├── JobError             one file could not be processed; carries what an operator needs
 │   ├── MediaError       permanent: not media, no audio, refused input. Retrying cannot help.
 │   └── TransientError   worth another attempt later: disk full, timeout, GPU out of memory
+├── UnsafePath           a path below a root leads through a symlink (also an OSError)
 ├── ModelError           a model cannot be found or loaded
 ├── GpuFault             the CUDA context is poisoned: only a new process recovers
 └── JobCancelled         control flow: the running job was asked to stop (shutdown); requeue it
@@ -120,6 +121,18 @@ class TransientError(JobError):
     def __init__(self, reason: str, *, delay_s: float | None = None, **kwargs: object) -> None:
         super().__init__(reason, **kwargs)  # type: ignore[arg-type]
         self.delay_s = delay_s
+
+
+class UnsafePath(WhisperdError, OSError):
+    """A folder on the way to a file is a symbolic link (or not a folder): whisperd does not follow it.
+
+    Also an OSError, so a writer that treats I/O failures as the environment's does the same here;
+    the worker tells the inbox's case (the file is refused) from the others by its place.
+    """
+
+    def __init__(self, message: str, where: str) -> None:
+        super().__init__(message)
+        self.where = where
 
 
 class ModelError(WhisperdError):

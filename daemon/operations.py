@@ -6,6 +6,7 @@ reader in while the daemon writes; writes take the same immediate transactions a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,10 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from daemon import layout
+from daemon import fsutil, layout, names
 from daemon.config import Config, Folder
 from daemon.errors import WhisperdError
-from daemon.fsutil import durable_move, free_name, temp_name
 from daemon.journal import FileIdentity, Job, JobState, Journal, open_journal
 
 RECENT_FAILURES = 10
@@ -106,7 +106,7 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append("recent failures:")
         for job in report["recent_failures"]:
             lines.append(f"  #{job['id']} {job['folder']}/{job['path']} [{job.get('stage')}]: {job.get('error')}")
-    return "\n".join(lines)
+    return "\n".join(names.printable(line) for line in lines)  # a file name can hold terminal escapes
 
 
 def _duration(seconds: float) -> str:
@@ -134,7 +134,7 @@ def format_jobs(jobs: Iterable[Job]) -> str:
         error = f"  {job.last_error}" if job.last_error and job.state != JobState.DONE else ""
         where = f"{job.folder}/{job.rel_path}"
         lines.append(f"{job.id:>6}  {job.state.value:<10}  {updated}  {job.attempts}  {where}{error}")
-    return "\n".join(lines)
+    return "\n".join(names.printable(line) for line in lines)  # a file name can hold terminal escapes
 
 
 @dataclass
@@ -171,21 +171,28 @@ def retry_failed(
         if target_folder is None:
             outcome.skipped.append(f"{label}: its folder is no longer configured")
             continue
-        original = Path(job.disposed_path) if job.disposed_path else None
-        if original is None or not os.path.lexists(original):
-            outcome.skipped.append(f"{label}: the original is no longer at {original}")
+        original = _failed_original(target_folder, job)
+        if original is None or not fsutil.exists(original):
+            outcome.skipped.append(f"{label}: the original is no longer at {job.disposed_path}")
             continue
-        target = layout.inbox_path(target_folder, job.rel_path)
-        if os.path.lexists(target):
-            outcome.skipped.append(f"{label}: {target} is taken by another file")
+        target = layout.inbox_place(target_folder, job.rel_path)
+        try:
+            fsutil.move_new(original, target)
+        except FileExistsError:
+            outcome.skipped.append(f"{label}: {target.display} is taken by another file")
             continue
-        durable_move(original, target)
-        layout.error_file(original).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            fsutil.unlink(layout.error_file(original))
         if journal.requeue_failed(job.id, now=time.time()):
             outcome.done.append(label)
         else:
             outcome.skipped.append(f"{label}: moved back to the inbox; the daemon queues it as a new arrival")
     return outcome
+
+
+def _failed_original(folder: Folder, job: Job) -> fsutil.Place | None:
+    """Return the place of a failed job's original, below the folder's failed root."""
+    return layout.recorded_place(folder, job.disposed_path, (folder.failed,)) if job.disposed_path else None
 
 
 def _select(jobs: list[Job], selectors: Sequence[str]) -> tuple[list[Job], list[str]]:
@@ -233,6 +240,11 @@ def read_list(text: str) -> list[EnqueueItem]:
     return items
 
 
+def _copy_into(path: Path, out: Any) -> None:
+    with open(path, "rb") as handle:
+        shutil.copyfileobj(handle, out, 1 << 20)
+
+
 def _owning_folder(config: Config, path: Path) -> Folder | None:
     for folder in config.folders.values():
         inbox = folder.inbox.resolve()
@@ -260,7 +272,7 @@ def enqueue(
             problems.append(f"{item.path}: outside every inbox; give --folder NAME to copy it into one")
             continue
         target_folder = owner or config.folders[folder]  # type: ignore[index]
-        rel = path.relative_to(target_folder.inbox.resolve()).as_posix() if owner else path.name
+        rel = names.escape(path.relative_to(target_folder.inbox.resolve()).as_posix() if owner else path.name)
         if owner is not None and not target_folder.accepts(rel):
             problems.append(f"{item.path}: the folder's include/exclude rules or built-in ignores skip it")
             continue
@@ -280,13 +292,12 @@ def enqueue(
     for path, target_folder, rel, overrides, copy in plans:
         if copy:
             # Copy under a hidden name the watcher ignores, then rename: it never sees half a file.
-            target = free_name(layout.inbox_path(target_folder, rel))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temp_name(target)
-            shutil.copy2(path, tmp)
-            os.replace(tmp, target)
-            rel = target.relative_to(target_folder.inbox).as_posix()
-            path = target
+            wanted = layout.inbox_place(target_folder, rel)
+            staged = wanted.with_name(fsutil.temp_name())
+            fsutil.atomic_write_binary(staged, lambda out, path=path: _copy_into(path, out))  # type: ignore[misc]
+            target = fsutil.move_to_free_name(staged, wanted)  # never replaces a file that arrived meanwhile
+            rel = names.escape(target.rel.as_posix())
+            path = target.path
         st = path.stat()
         job = journal.enqueue(
             FileIdentity(target_folder.name, rel, st.st_size, st.st_mtime_ns),

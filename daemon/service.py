@@ -11,27 +11,28 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import FrameType
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from daemon import layout
+from daemon import fsutil, layout, names
 from daemon import log as logsetup
-from daemon.config import load_config
+from daemon.config import Folder, load_config
 from daemon.errors import ConfigError, GpuFault, ModelError, ToolMissing
-from daemon.fsutil import durable_move, free_name
 from daemon.instances import default_owner, owner_is_dead
 from daemon.journal import FileIdentity, Job, JobState, open_journal
 from daemon.models import ModelRegistry
 from daemon.pipeline.transcribe import WhisperEngine
+from daemon.proc import LIMIT_TOOLS
 from daemon.systemd import Notifier, watchdog_interval
 from daemon.watcher import FolderWatcher, ReadyFile
-from daemon.worker import Worker
+from daemon.worker import Worker, ensure_area
 
 log = structlog.get_logger("whisperd")
 
@@ -74,10 +75,11 @@ class Service:
         """Open the journal, recover, load models, start watching and working."""
         settings = self.config.settings
         logsetup.configure(settings.log_format, settings.log_level)
-        missing = [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
+        missing = [tool for tool in ("ffmpeg", "ffprobe", *LIMIT_TOOLS) if shutil.which(tool) is None]
         if missing:
             # Without them every file would fail: refuse to start instead of emptying the inboxes.
-            raise ToolMissing(f"{' and '.join(missing)} not found on PATH; install ffmpeg (apt-get install ffmpeg)")
+            raise ToolMissing(f"{' and '.join(missing)} not found on PATH; install ffmpeg (apt-get install "
+                              "ffmpeg); prlimit and ionice come with util-linux, nice with coreutils")
         log.info("starting", config=str(self.config_path), folders=list(self.config.folders), owner=self.owner)
         self.journal = open_journal(settings.state_dir)
         now = time.time()
@@ -137,30 +139,74 @@ class Service:
             log.error("watch_failed", folder=name, inbox=str(watcher.folder.inbox), error=str(err))
 
     def _reconcile_processing_areas(self) -> None:
-        """Return originals that no active job owns from processing areas to their inboxes."""
+        """Return originals that no active job owns from processing areas to their inboxes.
+
+        What else is found there is never read or followed: a link, a FIFO, a hard link (planted
+        where share users can write) is removed, only that name. Hidden temporary files that a
+        killed write left in the outputs' folders are removed too.
+        """
+        now = time.time()
         for folder in self.config.folders.values():
-            root = layout.processing_root(folder)
-            if not root.is_dir():
+            current = layout.processing_base(folder, self.config.settings.state_dir)
+            hidden = fsutil.Place(folder.inbox, layout.HIDDEN_PROCESSING)
+            if current == hidden:
+                try:
+                    ensure_area(folder, hidden)
+                except OSError as err:
+                    log.warning("processing_area_unusable", folder=folder.name, area=hidden.display, error=str(err))
+                else:
+                    self._warn_if_shared(folder, hidden)
+            for area in dict.fromkeys((current, hidden)):  # the hidden one may hold an older version's jobs
+                try:
+                    self._reconcile_area(folder, area)
+                except OSError as err:  # an unmounted share: its jobs wait, the others start
+                    log.warning("processing_area_unreadable", folder=folder.name, area=area.display, error=str(err))
+            for root in (folder.outbox, folder.archive, folder.failed, current.root):
+                if root is None:
+                    continue
+                try:
+                    removed = fsutil.remove_stale_temp_files(fsutil.Place(root, PurePosixPath()), now=now)
+                except OSError as err:
+                    log.warning("folder_unreadable", folder=folder.name, path=str(root), error=str(err))
+                    continue
+                for place in removed:
+                    log.info("temp_file_removed", file=place.display, reason="left by a write that was interrupted")
+
+    @staticmethod
+    def _warn_if_shared(folder: Folder, area: fsutil.Place) -> None:
+        """Say so once at start when the share does not keep the hidden processing area private."""
+        with fsutil.opened_dir(area) as fd:
+            st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            log.warning("processing_area_shared", folder=folder.name, area=area.display,
+                        reason="the share lets other users write there (it ignores modes or owners); whisperd "
+                               "checks every file it finds there by inode and never follows links")
+
+    def _reconcile_area(self, folder: Folder, area: fsutil.Place) -> None:
+        for place, st in list(fsutil.walk_files(area)):
+            parts = place.rel.relative_to(area.rel).parts
+            if not parts[0].isdigit():
+                continue  # not ours: left alone
+            # Asked afresh for each entry: a worker records its claim before it creates the folder,
+            # so another instance's job that started a moment ago is seen as active.
+            job = self.journal.get(int(parts[0]))
+            if job is not None and job.state in JobState.active():
                 continue
-            for job_dir in root.iterdir():
-                if not job_dir.name.isdigit():
-                    continue
-                # Asked afresh for each directory: a worker records its claim before it creates the
-                # directory, so another instance's job that started a moment ago is seen as active.
-                job = self.journal.get(int(job_dir.name))
-                if job is not None and job.state in JobState.active():
-                    continue
-                for path in sorted(p for p in job_dir.rglob("*") if p.is_file() or p.is_symlink()):
-                    rel = path.relative_to(job_dir).as_posix()
-                    target = free_name(layout.inbox_path(folder, rel))
-                    durable_move(path, target)
+            rel = names.escape(PurePosixPath(*parts[1:]).as_posix()) if len(parts) > 1 else ""
+            try:
+                if rel and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                    fsutil.move_to_free_name(place, layout.inbox_place(folder, rel))
                     log.warning("returned_to_inbox", folder=folder.name, file=rel,
                                 reason="found in the processing area with no job")
-                for directory in sorted((d for d in job_dir.rglob("*") if d.is_dir()), reverse=True):
-                    with contextlib.suppress(OSError):
-                        directory.rmdir()  # only empty ones: never delete what another process put there
-                with contextlib.suppress(OSError):
-                    job_dir.rmdir()
+                else:
+                    fsutil.unlink(place)  # the link, FIFO or extra name itself; nothing it points to
+                    log.warning("processing_entry_removed", folder=folder.name, file=place.display,
+                                reason="not a file whisperd took (a link, FIFO, device or hard link planted "
+                                       "there); not followed, only its name removed")
+            except OSError as err:
+                log.warning("processing_entry_left", folder=folder.name, file=place.display, error=str(err))
+                continue
+            fsutil.remove_empty_dirs(place.parent, area.rel)
 
     # -- the loops -----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import structlog
 from watchdog.events import (
@@ -26,7 +26,9 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from daemon import fsutil, names
 from daemon.config import Folder
+from daemon.errors import UnsafePath
 
 log = structlog.get_logger(__name__)
 
@@ -56,21 +58,35 @@ class StabilityTracker:
     """Decides when a file is completely written. No limit on how long arrival may take.
 
     Ready means: no touch for `delay` seconds, AND a fresh lstat shows the size and mtime seen
-    before, AND it is still a regular file. Callers pass `now` (monotonic seconds).
+    before. Callers pass `now` (monotonic seconds). Entries that are not regular files (links,
+    FIFOs, sockets, devices) settle like files and are handed on too: never opened here, they
+    are refused and reported once by the worker, and leave the inbox.
     """
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self, delay_s: float, root: Path | None = None) -> None:
         self.delay_s = delay_s
+        self.root = root  # the inbox: paths below it are looked at without following a link on the way
         self._pending: dict[Path, _Sighting] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._pending)
 
+    def _lstat(self, path: Path) -> os.stat_result:
+        if self.root is None:
+            return os.lstat(path)
+        try:
+            st = fsutil.lstat(fsutil.Place(self.root, PurePosixPath(path.relative_to(self.root))))
+        except UnsafePath:
+            st = None  # the way to it is a link now: as good as gone from the inbox
+        if st is None:
+            raise FileNotFoundError(path)
+        return st
+
     def touch(self, path: Path, now: float) -> None:
         """Record that something happened to path (an event, or a scan saw it)."""
         try:
-            st = os.lstat(path)
+            st = self._lstat(path)
         except FileNotFoundError:
             with self._lock:
                 self._pending.pop(path, None)
@@ -89,12 +105,8 @@ class StabilityTracker:
         ready = []
         for path, seen in due:
             try:
-                st = os.lstat(path)
+                st = self._lstat(path)
             except FileNotFoundError:
-                self._forget(path)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                log.warning("not_a_regular_file", file=str(path), reason="symlinks, FIFOs and devices are not followed")
                 self._forget(path)
                 continue
             if (st.st_size, st.st_mtime_ns) == (seen.size, seen.mtime_ns):
@@ -116,6 +128,12 @@ class _EventHandler(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._handle(event)
+        except Exception as err:  # an exception here would end the observer's thread: the rescan covers it
+            log.warning("event_not_handled", folder=self.watcher.folder.name, error=f"{type(err).__name__}: {err}")
+
+    def _handle(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write", "deleted"):
             return
         if isinstance(event, (DirCreatedEvent, DirMovedEvent)):
@@ -135,7 +153,7 @@ class FolderWatcher:
     def __init__(self, folder: Folder, clock: Callable[[], float]) -> None:
         self.folder = folder
         self.clock = clock
-        self.tracker = StabilityTracker(folder.stability_delay)
+        self.tracker = StabilityTracker(folder.stability_delay, root=folder.inbox)
         self._observer: BaseObserver | None = None
 
     @property
@@ -171,7 +189,7 @@ class FolderWatcher:
             return None
         if not rel.parts or (not self.folder.recursive and len(rel.parts) > 1):
             return None
-        text = rel.as_posix()
+        text = names.escape(rel.as_posix())  # the journal's printable form of a name that is not UTF-8
         return text if self.folder.accepts(text) else None
 
     def saw(self, path: Path) -> None:
@@ -190,19 +208,34 @@ class FolderWatcher:
         return count
 
     def _walk(self, top: Path) -> Iterator[Path]:
-        if not top.is_dir():
+        """Yield every entry below top that is not a real folder: files, and links to folders too.
+
+        Folders are entered through descriptors from the inbox down, never through a link; a link
+        is yielded like a file so the worker refuses and reports it.
+        """
+        inbox = self.folder.inbox
+        try:
+            rel = PurePosixPath(top.relative_to(inbox))
+        except ValueError:
             return
-        for root, dirs, files in os.walk(top, followlinks=False):
-            base = Path(root)
-            # Prune ignored directories (.whisperd, @eaDir, #recycle …) instead of walking them.
-            dirs[:] = [
-                d for d in dirs
-                if not self.folder.builtin_ignored((base / d).relative_to(self.folder.inbox).as_posix())
-            ]
-            if not self.folder.recursive:
-                dirs[:] = []
-            for name in files:
-                yield base / name
+        start = fsutil.Place(inbox, rel)
+        if rel.parts:
+            st = fsutil.lstat(start)
+            if st is None:
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                yield top  # a link (or anything) that was reported as a folder
+                return
+
+        def skip(below: PurePosixPath) -> bool:
+            # Prune ignored folders (.whisperd, @eaDir, #recycle …) instead of walking them.
+            return not self.folder.recursive or self.folder.builtin_ignored((rel / below).as_posix())
+
+        try:
+            for place, _st in fsutil.walk_files(start, skip=skip):
+                yield place.path
+        except UnsafePath:
+            return  # a folder on the way became a link: the next scan sees the link itself
 
     def poll(self, now: float) -> list[ReadyFile]:
         """Return the files that have settled since the last poll."""

@@ -34,6 +34,16 @@ FAST_DECODE: dict[str, Any] = {
 }
 
 
+# Lines a test wants in the run's final summary (the CI log), e.g. the hostile corpus's result.
+SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the summary lines tests recorded."""
+    for line in SUMMARY:
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture(autouse=True)
 def _reset_structlog() -> Iterator[None]:
     """Each test starts with structlog's defaults, whatever an earlier test configured."""

@@ -205,7 +205,8 @@ def test_transient_fault_is_retried_until_the_outbox_recovers(
     assert all(e["stage"] == "publish" and "cannot write outputs" in e["error"] for e in retries)
     [waiting] = daemon.jobs()
     assert waiting.state in (JobState.RETRY_WAIT, JobState.RUNNING)
-    assert files_under(daemon.folder("inbox")) == [".whisperd/processing/1/talk.mp4"]
+    assert files_under(daemon.folder("inbox")) == []  # taken: out of the share users' sight …
+    assert files_under(Path(daemon.data["state_dir"]) / "processing" / "media") == ["1/talk.mp4"]  # … waiting
     outbox.unlink()
     [done] = daemon.wait_done(1, timeout=30)
     assert done.state == JobState.DONE and done.attempts >= 3

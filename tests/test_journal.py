@@ -52,7 +52,7 @@ def test_a_file_that_failed_in_place_is_not_queued_again(journal: SqliteJournal)
     moved = journal.enqueue(_id("b.mp4"), priority=0, now=5, skip_if_done=False)
     assert moved is not None
     journal.claim(["f"], now=6, owner="h:1")
-    journal.mark_failed(moved.id, "not media", "probe", Path("/failed/b.mp4"), now=7)
+    journal.mark_failed(moved.id, "not media", "probe", "/failed/b.mp4", now=7)
     assert journal.enqueue(_id("b.mp4"), priority=0, now=8, skip_if_done=False) is not None  # dropped again
 
 
@@ -129,3 +129,23 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     sqlite3.connect(path).execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
     with pytest.raises(RuntimeError, match="newer than this whisperd knows"):
         SqliteJournal(path)
+
+
+def test_paths_with_backslashes_are_escaped_by_the_migration(tmp_path: Path) -> None:
+    """Rows written before names were escaped keep meaning the same files: their backslashes are doubled."""
+    path = tmp_path / "journal.sqlite3"
+    old = sqlite3.connect(path)
+    for script in MIGRATIONS[:4]:
+        for statement in script.split(";"):
+            if statement.strip():
+                old.execute(statement)
+    old.execute("PRAGMA user_version=4")
+    old.execute("INSERT INTO jobs (folder, rel_path, size, mtime_ns, state, next_attempt_at, created_at, updated_at,"
+                " disposed_path) VALUES ('f', 'a\\x41.mp4', 1, 1, 'done', 0, 0, 0, '/arch/a\\x41.mp4')")
+    old.commit()
+    old.close()
+    [job] = SqliteJournal(path).jobs()
+    assert (job.rel_path, job.disposed_path) == ("a\\\\x41.mp4", "/arch/a\\\\x41.mp4")
+    from daemon import names
+
+    assert names.unescape(job.rel_path) == "a\\x41.mp4"

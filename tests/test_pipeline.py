@@ -22,6 +22,7 @@ from daemon.pipeline import process_file
 from daemon.pipeline.extract import SAMPLE_RATE, extract
 from daemon.pipeline.probe import probe, select_stream
 from daemon.pipeline.publish import publish
+from daemon.pipeline.source import open_path
 from daemon.pipeline.transcribe import WhisperEngine
 
 SETTINGS = Settings()
@@ -159,7 +160,7 @@ def test_audio_track_selection(
     expected_tag: str,
 ) -> None:
     """A language-tag rule picks that track (440 Hz eng, 880 Hz fra); an absent tag falls back."""
-    info = probe(media_set.two_tracks)
+    info = probe(open_path(media_set.two_tracks))
     stream = select_stream(info, fast_rule(audio_track=audio_track))
     assert stream.language == expected_tag
     audio = extract(info, stream)
@@ -171,15 +172,15 @@ def test_track_index_out_of_range_is_a_media_error(
 ) -> None:
     """audio_track: 5 on a two-track file fails permanently with the count in the message."""
     with pytest.raises(MediaError, match="2 audio stream"):
-        select_stream(probe(media_set.two_tracks), fast_rule(audio_track=5))
+        select_stream(probe(open_path(media_set.two_tracks)), fast_rule(audio_track=5))
 
 
 def test_start_delay_is_measured_by_extract(media_set: MediaSet) -> None:
     """A track starting 2 s into the container is decoded with a 2 s offset."""
-    info = probe(media_set.delayed)
+    info = probe(open_path(media_set.delayed))
     audio = extract(info, info.audio_streams[0])
     assert audio.offset_s == pytest.approx(2.0, abs=0.05)
-    plain = probe(media_set.speech_mp4)
+    plain = probe(open_path(media_set.speech_mp4))
     assert extract(plain, plain.audio_streams[0]).offset_s == pytest.approx(0.0, abs=0.05)
 
 
@@ -187,7 +188,7 @@ def test_start_delay_shifts_every_segment_by_the_offset(
     media_set: MediaSet, engine: WhisperEngine, fast_rule: Callable[..., Rule]
 ) -> None:
     """The same audio placed 2 s later yields the same segments, each 2 s later."""
-    info = probe(media_set.speech_mp4)
+    info = probe(open_path(media_set.speech_mp4))
     audio = extract(info, info.audio_streams[0])
     rule = fast_rule(word_timestamps=True)
     plain = engine.transcribe(audio, rule)
@@ -240,7 +241,7 @@ def test_missing_ffprobe_is_transient_not_the_files_fault(
     """Without ffprobe on PATH the file is not declared broken: the error is transient."""
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(TransientError, match="program not found"):
-        probe(media_set.speech_mp4)
+        probe(open_path(media_set.speech_mp4))
 
 
 def test_progress_is_reported_up_to_one(

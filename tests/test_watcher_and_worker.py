@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,10 +61,11 @@ def test_tracker_has_no_limit_on_arrival_time(tmp_path: Path) -> None:
     assert len(tracker.poll(now=100 * 3600)) == 1
 
 
-def test_tracker_refuses_symlinks_and_forgets_vanished_files(tmp_path: Path) -> None:
-    """A symlink is not followed and a deleted file is dropped; neither becomes ready."""
+def test_tracker_hands_on_a_symlink_unfollowed_and_forgets_vanished_files(tmp_path: Path) -> None:
+    """A settled symlink is handed on as the link itself (for the worker to refuse and report);
+    a deleted file is dropped."""
     target = tmp_path / "secret"
-    target.write_text("x")
+    target.write_text("x" * 1000)
     link = tmp_path / "link.mp4"
     link.symlink_to(target)
     gone = tmp_path / "gone.mp4"
@@ -72,7 +74,8 @@ def test_tracker_refuses_symlinks_and_forgets_vanished_files(tmp_path: Path) -> 
     tracker.touch(link, now=0)
     tracker.touch(gone, now=0)
     gone.unlink()
-    assert tracker.poll(now=5) == []
+    [(path, st)] = tracker.poll(now=5)
+    assert path == link and stat.S_ISLNK(st.st_mode) and st.st_size != 1000
     assert len(tracker) == 0
 
 
@@ -213,10 +216,10 @@ def test_a_symlink_planted_in_the_processing_area_is_refused(
     planted = folder.inbox / ".whisperd" / "processing" / str(job_id) / "talk.mp4"
     planted.parent.mkdir(parents=True)
     planted.symlink_to(secret)
-    journal.set_processing(job_id, planted, now=0)
+    journal.set_processing(job_id, str(planted), now=0)
     worker.run_once()
     job = journal.get(job_id)
-    assert job is not None and job.state == JobState.FAILED and "not a regular file" in (job.last_error or "")
+    assert job is not None and job.state == JobState.FAILED and "symbolic link" in (job.last_error or "")
     assert (folder.failed / "talk.mp4").is_symlink() and secret.read_text() == "private"
     assert not folder.outbox.exists()
 
@@ -234,8 +237,8 @@ def test_a_published_job_resumes_with_the_disposal_only(
     shutil.copyfile(media_set.speech_mp4, waiting)
     job_id = enqueue_file(journal, waiting, "talk.mp4", now=0)
     journal.claim(["media"], now=1, owner="gone:1")
-    journal.set_processing(job_id, waiting, now=1)
-    journal.mark_published(job_id, [folder.outbox / "talk.srt"], {}, now=2)
+    journal.set_processing(job_id, str(waiting), now=1)
+    journal.mark_published(job_id, [str(folder.outbox / "talk.srt")], {}, now=2)
     journal.recover(lambda owner: True, now=3)
     worker.run_once()
     job = journal.get(job_id)
@@ -256,9 +259,9 @@ def test_a_job_whose_original_already_reached_the_archive_is_finished(
     archived.write_text("x")
     job_id = enqueue_file(journal, archived, "talk.mp4", now=0)
     journal.claim(["media"], now=1, owner="gone:1")
-    journal.set_processing(job_id, folder.inbox / ".whisperd" / "processing" / str(job_id) / "talk.mp4", now=1)
+    journal.set_processing(job_id, str(folder.inbox / ".whisperd" / "processing" / str(job_id) / "talk.mp4"), now=1)
     journal.mark_published(job_id, [], {}, now=2)
-    journal.set_disposal(job_id, archived, now=3)
+    journal.set_disposal(job_id, str(archived), now=3)
     journal.recover(lambda owner: True, now=4)
     worker.run_once()
     job = journal.get(job_id)

@@ -9,6 +9,7 @@ present() {
     python3-venv) python3 -c 'import ensurepip, venv' 2>/dev/null ;;
     systemd) command -v systemd-analyze >/dev/null ;;
     procps) [ -x /bin/kill ] ;;  # `command -v kill` would find the shell builtin
+    util-linux) command -v prlimit >/dev/null && command -v ionice >/dev/null ;;
     *) command -v "$1" >/dev/null ;;
   esac
 }

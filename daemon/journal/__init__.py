@@ -58,25 +58,23 @@ class Job:
     finished_at: float | None = None
     last_error: str | None = None
     last_stage: str | None = None
-    processing_path: str | None = None  # where the original lies while the job owns it
+    processing_path: str | None = None  # where the original lies while the job owns it (escaped text)
     published_at: float | None = None  # outputs are durable; only disposal of the original is left
     outputs: tuple[str, ...] = ()
-    disposed_path: str | None = None  # archive or failed location of the original
+    disposed_path: str | None = None  # archive or failed location of the original (escaped text)
     progress: float | None = None
     owner: str | None = None  # host:pid of the worker that claimed it
     timings: dict[str, float] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)  # rule fields set for this job alone
     crashes: int = 0  # times the process died while this job ran
+    file_device: int | None = None  # the original's inode as it was taken (st_dev, st_ino) …
+    file_inode: int | None = None  # … so a file planted in its place is told apart
 
     @property
     def identity(self) -> FileIdentity:
         """Return the identity this job was enqueued under."""
         return FileIdentity(self.folder, self.rel_path, self.size, self.mtime_ns)
 
-    @property
-    def processing(self) -> Path | None:
-        """Return the processing-area path as a Path, if one was assigned."""
-        return Path(self.processing_path) if self.processing_path else None
 
 
 @dataclass(frozen=True)
@@ -125,19 +123,21 @@ class Journal(Protocol):
         """Return jobs, optionally only those in the given states, oldest first."""
         ...
 
-    def set_processing(self, job_id: int, path: Path, *, now: float) -> None:
-        """Record where the original will be moved while the job owns it."""
+    def set_processing(
+        self, job_id: int, path: str, *, now: float, device: int | None = None, inode: int | None = None
+    ) -> None:
+        """Record where the original will be moved while the job owns it, and which inode it is."""
         ...
 
     def set_progress(self, job_id: int, fraction: float, *, now: float) -> None:
         """Record how far a running job is."""
         ...
 
-    def mark_published(self, job_id: int, outputs: Sequence[Path], timings: dict[str, float], *, now: float) -> None:
+    def mark_published(self, job_id: int, outputs: Sequence[str], timings: dict[str, float], *, now: float) -> None:
         """Record that outputs are durable; only the original's disposal is left."""
         ...
 
-    def mark_done(self, job_id: int, disposed_path: Path | None, *, now: float) -> None:
+    def mark_done(self, job_id: int, disposed_path: str | None, *, now: float) -> None:
         """Finish a job successfully."""
         ...
 
@@ -146,7 +146,7 @@ class Journal(Protocol):
         ...
 
     def mark_failed(
-        self, job_id: int, error: str, stage: str | None, disposed_path: Path | None, *, now: float
+        self, job_id: int, error: str, stage: str | None, disposed_path: str | None, *, now: float
     ) -> None:
         """Count a failed attempt and end the job as failed."""
         ...
@@ -162,7 +162,7 @@ class Journal(Protocol):
         """Forget a job whose file vanished or changed before it was taken."""
         ...
 
-    def set_disposal(self, job_id: int, path: Path, *, now: float) -> None:
+    def set_disposal(self, job_id: int, path: str, *, now: float) -> None:
         """Record where the original is about to go (archive, failed, back to the inbox)."""
         ...
 

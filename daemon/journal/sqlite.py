@@ -67,6 +67,17 @@ MIGRATIONS: tuple[str, ...] = (
         models TEXT NOT NULL DEFAULT '[]'
     );
     """,
+    # 5: the inode of the original as it was taken: what is found in the processing area later
+    # (after a restart, during a retry) must be that very file, not one planted in its place.
+    # Paths are kept in names.escape's form from now on, where a backslash is doubled.
+    """
+    ALTER TABLE jobs ADD COLUMN file_device INTEGER;
+    ALTER TABLE jobs ADD COLUMN file_inode INTEGER;
+    UPDATE jobs SET rel_path = replace(rel_path, '\\', '\\\\'),
+        processing_path = replace(processing_path, '\\', '\\\\'),
+        disposed_path = replace(disposed_path, '\\', '\\\\')
+        WHERE instr(rel_path || coalesce(processing_path, '') || coalesce(disposed_path, ''), '\\') > 0;
+    """,
 )
 
 ACTIVE = tuple(s.value for s in JobState.active())
@@ -198,26 +209,29 @@ class SqliteJournal:
         with self._write() as db:
             db.execute(f"UPDATE jobs SET {sql} WHERE id=?", (*params, job_id))
 
-    def set_processing(self, job_id: int, path: Path, *, now: float) -> None:
-        """Record where the original will be moved while the job owns it."""
-        self._update(job_id, "processing_path=?, updated_at=?", (str(path), now))
+    def set_processing(
+        self, job_id: int, path: str, *, now: float, device: int | None = None, inode: int | None = None
+    ) -> None:
+        """Record where the original will be moved while the job owns it, and which inode it is."""
+        self._update(job_id, "processing_path=?, file_device=?, file_inode=?, updated_at=?",
+                     (str(path), device, inode, now))
 
     def set_progress(self, job_id: int, fraction: float, *, now: float) -> None:
         """Record how far a running job is."""
         self._update(job_id, "progress=?, updated_at=?", (fraction, now))
 
-    def mark_published(self, job_id: int, outputs: Sequence[Path], timings: dict[str, float], *, now: float) -> None:
+    def mark_published(self, job_id: int, outputs: Sequence[str], timings: dict[str, float], *, now: float) -> None:
         """Record that outputs are durable; only the original's disposal is left."""
         self._update(
             job_id, "published_at=?, outputs=?, timings=?, progress=1, updated_at=?",
-            (now, json.dumps([str(p) for p in outputs]), json.dumps(timings), now),
+            (now, json.dumps(list(outputs)), json.dumps(timings), now),
         )
 
-    def mark_done(self, job_id: int, disposed_path: Path | None, *, now: float) -> None:
+    def mark_done(self, job_id: int, disposed_path: str | None, *, now: float) -> None:
         """Finish a job successfully."""
         self._update(
             job_id, "state='done', disposed_path=?, finished_at=?, updated_at=?, last_error=NULL",
-            (str(disposed_path) if disposed_path else None, now, now),
+            (disposed_path, now, now),
         )
 
     def mark_retry(self, job_id: int, error: str, stage: str | None, *, now: float, due: float) -> None:
@@ -229,13 +243,13 @@ class SqliteJournal:
         )
 
     def mark_failed(
-        self, job_id: int, error: str, stage: str | None, disposed_path: Path | None, *, now: float
+        self, job_id: int, error: str, stage: str | None, disposed_path: str | None, *, now: float
     ) -> None:
         """Count a failed attempt and end the job as failed."""
         self._update(
             job_id, "state='failed', attempts=attempts+1, last_error=?, last_stage=?, disposed_path=?,"
             " finished_at=?, updated_at=?, progress=NULL",
-            (error, stage, str(disposed_path) if disposed_path else None, now, now),
+            (error, stage, disposed_path, now, now),
         )
 
     def requeue(self, job_id: int, *, now: float, crashed: bool = False, due: float | None = None) -> None:
@@ -254,9 +268,9 @@ class SqliteJournal:
         with self._write() as db:
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
 
-    def set_disposal(self, job_id: int, path: Path, *, now: float) -> None:
+    def set_disposal(self, job_id: int, path: str, *, now: float) -> None:
         """Record where the original is about to go (archive, failed, back to the inbox)."""
-        self._update(job_id, "disposed_path=?, updated_at=?", (str(path), now))
+        self._update(job_id, "disposed_path=?, updated_at=?", (path, now))
 
     def recover(self, is_dead: Callable[[str | None], bool], *, now: float) -> list[Job]:
         """Return jobs left RUNNING by workers that are gone, queued again with one more crash counted."""
@@ -282,7 +296,8 @@ class SqliteJournal:
                 cursor = db.execute(
                     "UPDATE jobs SET state='queued', attempts=0, crashes=0, next_attempt_at=?, updated_at=?,"
                     " owner=NULL,"
-                    " processing_path=NULL, published_at=NULL, disposed_path=NULL, finished_at=NULL,"
+                    " processing_path=NULL, file_device=NULL, file_inode=NULL, published_at=NULL,"
+                    " disposed_path=NULL, finished_at=NULL,"
                     " progress=NULL WHERE id=? AND state='failed'",
                     (now, now, job_id),
                 )

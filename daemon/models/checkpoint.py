@@ -11,7 +11,6 @@ loaded tensors in their place.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -128,23 +127,12 @@ def write_checkpoint(checkpoint: Checkpoint, target: Path) -> None:
     """Write a checkpoint in whisper's format (loadable by `whisper.load_model` too), atomically."""
     import torch
 
-    from daemon.fsutil import fsync_dir, temp_name
+    from daemon.fsutil import atomic_write_binary
 
     data: dict[str, Any] = {"dims": asdict(checkpoint.dims), "model_state_dict": checkpoint.state}
     if checkpoint.alignment_heads is not None:
         data["alignment_heads"] = [list(pair) for pair in checkpoint.alignment_heads]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(target)
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
+    atomic_write_binary(target, lambda handle: torch.save(data, handle))
 
 
 _construct_lock = threading.Lock()

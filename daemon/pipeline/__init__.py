@@ -12,12 +12,15 @@ from pathlib import Path
 
 import structlog
 
+from daemon import names
 from daemon.config import Rule, Settings
 from daemon.control import JobControl
 from daemon.errors import JobError
+from daemon.fsutil import Place
 from daemon.pipeline.extract import Audio, extract
 from daemon.pipeline.probe import AudioStream, MediaInfo, probe, select_stream
 from daemon.pipeline.publish import publish
+from daemon.pipeline.source import Source, open_path
 from daemon.pipeline.transcribe import Progress, Transcript, WhisperEngine
 
 log = structlog.get_logger(__name__)
@@ -49,42 +52,47 @@ def _checked(progress: Progress | None, control: JobControl | None) -> Progress 
 
 
 def process_file(
-    source: Path,
+    source: Path | Source,
     rule: Rule,
     engine: WhisperEngine,
     settings: Settings,
     *,
-    target_dir: Path,
+    target_dir: Path | Place,
     stem: str | None = None,
     progress: Progress | None = None,
     control: JobControl | None = None,
 ) -> FileResult:
     """Return the result of running the whole pipeline on one file; outputs go to target_dir.
 
+    `source` is a file already opened (the worker's, checked) or a path to open (the command line).
     Raises MediaError (permanent) or TransientError (retry later) with the stage filled in, and
     JobCancelled once `control` is cancelled (tools are killed; whisper stops between windows).
     """
+    opened = open_path(source) if isinstance(source, Path) else source
     try:
-        return _run_stages(source, rule, engine, settings, target_dir, stem, progress, control)
+        return _run_stages(opened, rule, engine, settings, target_dir, stem, progress, control)
     except JobError as err:
         if err.path is None:
-            err.path = source  # stages deeper down (publish, transcribe) do not know the file
+            err.path = opened.display  # stages deeper down (publish, transcribe) do not know the file
         raise
+    finally:
+        if opened is not source:
+            opened.close()
 
 
 def _run_stages(
-    source: Path,
+    source: Source,
     rule: Rule,
     engine: WhisperEngine,
     settings: Settings,
-    target_dir: Path,
+    target_dir: Path | Place,
     stem: str | None,
     progress: Progress | None,
     control: JobControl | None,
 ) -> FileResult:
-    stem = stem if stem is not None else source.stem
+    stem = stem if stem is not None else source.display.stem
     timings: dict[str, float] = {}
-    bound = log.bind(file=str(source))
+    bound = log.bind(file=str(source.display))
 
     started = time.monotonic()
     media = probe(source, timeout_s=settings.probe_timeout, control=control)
@@ -110,6 +118,6 @@ def _run_stages(
     started = time.monotonic()
     outputs = publish(transcript, rule, target_dir, stem)
     timings["publish"] = time.monotonic() - started
-    bound.debug("published", stage="publish", outputs=[str(p) for p in outputs],
+    bound.debug("published", stage="publish", outputs=[names.escape(str(p)) for p in outputs],
                 duration_s=round(timings["publish"], 3))
-    return FileResult(source, media, stream, transcript, outputs, timings)
+    return FileResult(source.display, media, stream, transcript, outputs, timings)

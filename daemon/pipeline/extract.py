@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -12,7 +10,8 @@ import numpy.typing as npt
 from daemon.control import JobControl
 from daemon.errors import MediaError
 from daemon.pipeline.probe import AudioStream, MediaInfo
-from daemon.pipeline.tools import run_on_file
+from daemon.pipeline.source import Source
+from daemon.pipeline.tools import input_args, run_on_file
 
 STAGE = "extract"
 SAMPLE_RATE = 16000  # what whisper's feature extractor expects
@@ -32,12 +31,11 @@ class Audio:
         return len(self.samples) / SAMPLE_RATE
 
 
-def extract_argv(path: Path, stream: AudioStream) -> tuple[str, ...]:
-    """Return ffmpeg's argv that decodes one stream to raw mono float32 on stdout."""
+def extract_argv(source: Source, stream: AudioStream) -> tuple[str, ...]:
+    """Return ffmpeg's argv that decodes one stream of an open file to raw mono float32 on stdout."""
     return (
         "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error",
-        "-protocol_whitelist", "file",
-        "-i", f"file:{os.path.abspath(path)}",
+        *input_args(source),
         "-map", f"0:{stream.index}",
         "-vn", "-sn", "-dn",
         "-ac", "1", "-ar", str(SAMPLE_RATE),
@@ -49,8 +47,8 @@ def extract(
     info: MediaInfo, stream: AudioStream, *, timeout_s: float = 3600.0, control: JobControl | None = None
 ) -> Audio:
     """Return the stream's audio; raise MediaError when ffmpeg cannot decode it."""
-    argv = extract_argv(info.path, stream)
-    result = run_on_file(argv, path=info.path, stage=STAGE, timeout_s=timeout_s, control=control,
+    argv = extract_argv(info.source, stream)
+    result = run_on_file(argv, source=info.source, stage=STAGE, timeout_s=timeout_s, control=control,
                          reason=lambda _: f"ffmpeg could not decode audio stream {stream.index}")
     # A writable copy: torch refuses to wrap read-only buffers without a warning.
     samples = np.frombuffer(result.stdout, dtype="<f4").astype(np.float32, copy=True)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.config import Rule
 from daemon.control import JobControl
-from daemon.errors import MediaError, ToolError, TransientError
+from daemon.errors import MediaError, ToolError
 from daemon.languages import language_from_tag
-from daemon.pipeline.tools import run_on_file
+from daemon.pipeline.source import Source
+from daemon.pipeline.tools import input_args, run_on_file
 
 STAGE = "probe"
 
@@ -33,20 +33,24 @@ class AudioStream:
 class MediaInfo:
     """What ffprobe found in a file."""
 
-    path: Path
+    source: Source
     format_name: str
     duration_s: float | None
     start_time: float  # the container's own start; stream start times are relative to it
     audio_streams: tuple[AudioStream, ...]
 
+    @property
+    def path(self) -> Path:
+        """Return the file's name, for messages."""
+        return self.source.display
 
-def probe_argv(path: Path) -> tuple[str, ...]:
-    """Return ffprobe's argv for a file: an absolute `file:` URL, local files only, JSON out."""
+
+def probe_argv(source: Source) -> tuple[str, ...]:
+    """Return ffprobe's argv for an open file: its descriptor, allowed containers only, JSON out."""
     return (
         "ffprobe", "-v", "error", "-hide_banner",
-        "-protocol_whitelist", "file",
         "-print_format", "json", "-show_format", "-show_streams",
-        f"file:{os.path.abspath(path)}",
+        *input_args(source),
     )  # fmt: skip
 
 
@@ -57,8 +61,9 @@ def _float(value: object, default: float | None = None) -> float | None:
         return default
 
 
-def parse_probe(path: Path, data: dict) -> MediaInfo:  # type: ignore[type-arg]
+def parse_probe(source: Source, data: dict) -> MediaInfo:  # type: ignore[type-arg]
     """Return MediaInfo from ffprobe's JSON; raise MediaError when there is no audio."""
+    path = source.display
     fmt = data.get("format") or {}
     container_start = _float(fmt.get("start_time"), 0.0) or 0.0
     audio: list[AudioStream] = []
@@ -76,7 +81,7 @@ def parse_probe(path: Path, data: dict) -> MediaInfo:  # type: ignore[type-arg]
             default=bool((stream.get("disposition") or {}).get("default")),
         ))
     info = MediaInfo(
-        path=path,
+        source=source,
         format_name=str(fmt.get("format_name", "unknown")),
         duration_s=_float(fmt.get("duration")),
         start_time=container_start,
@@ -90,23 +95,18 @@ def parse_probe(path: Path, data: dict) -> MediaInfo:  # type: ignore[type-arg]
     return info
 
 
-def probe(path: Path, *, timeout_s: float = 60.0, control: JobControl | None = None) -> MediaInfo:
-    """Return the media facts of a file; raise MediaError when it is empty, unreadable or silent."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise  # the file vanished: the caller drops the job, it is no media problem
-    except OSError as err:
-        raise TransientError(f"cannot read the file: {err.strerror}", path=path, stage=STAGE) from err
-    if size == 0:
+def probe(source: Source, *, timeout_s: float = 60.0, control: JobControl | None = None) -> MediaInfo:
+    """Return the media facts of an open file; raise MediaError when it is empty, unreadable or silent."""
+    path = source.display
+    if source.size == 0:
         raise MediaError("the file is empty (0 bytes)", path=path, stage=STAGE)
-    result = run_on_file(probe_argv(path), path=path, stage=STAGE, timeout_s=timeout_s, control=control,
+    result = run_on_file(probe_argv(source), source=source, stage=STAGE, timeout_s=timeout_s, control=control,
                          reason=_unreadable)
     try:
         data = json.loads(result.stdout or b"{}")
     except json.JSONDecodeError as err:
         raise MediaError(f"ffprobe printed unreadable JSON: {err}", path=path, stage=STAGE) from err
-    return parse_probe(path, data)
+    return parse_probe(source, data)
 
 
 def _unreadable(err: ToolError) -> str:

@@ -6,14 +6,14 @@ same result and layout options; only the file handling differs (temp name, fsync
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 from whisper.utils import WriteJSON, WriteSRT, WriteTSV, WriteTXT, WriteVTT
 
 from daemon.config import Rule
 from daemon.errors import TransientError
-from daemon.fsutil import atomic_write_text
+from daemon.fsutil import Place, atomic_write_text
 from daemon.pipeline.transcribe import Transcript
 
 STAGE = "publish"
@@ -22,8 +22,14 @@ WRITERS = {"txt": WriteTXT, "srt": WriteSRT, "vtt": WriteVTT, "tsv": WriteTSV, "
 
 
 def output_names(rule: Rule, stem: str, language: str) -> dict[str, str]:
-    """Return the file name of each requested format, from the rule's name template."""
+    """Return the file name of each requested format, from the rule's name template (within 255 bytes)."""
     return {fmt: rule.output_filename(stem, fmt, language) for fmt in rule.output_formats}
+
+
+def _target(target_dir: Path | Place, name: str) -> Place:
+    if isinstance(target_dir, Place):
+        return target_dir.child(name)
+    return Place(target_dir, PurePosixPath(name))  # a folder named on the command line: trusted
 
 
 def layout_options(rule: Rule) -> dict[str, object]:
@@ -36,27 +42,26 @@ def layout_options(rule: Rule) -> dict[str, object]:
     }
 
 
-def publish(transcript: Transcript, rule: Rule, target_dir: Path, stem: str) -> tuple[Path, ...]:
+def publish(transcript: Transcript, rule: Rule, target_dir: Path | Place, stem: str) -> tuple[Path, ...]:
     """Return the paths written: every requested format, never a partial file visible.
 
-    An unwritable or full outbox is a TransientError: the file is fine, the outbox may recover.
+    A place below the outbox is reached without following links. An unwritable or full outbox,
+    or a link planted in it, is a TransientError: the file is fine, the outbox may recover.
     """
     result = transcript.to_whisper_result()
     options = layout_options(rule)
     written = []
     try:
-        target_dir.mkdir(parents=True, exist_ok=True)
         for fmt, name in output_names(rule, stem, transcript.language).items():
-            writer = WRITERS[fmt](output_dir=str(target_dir))
-            target = target_dir / name
+            writer = WRITERS[fmt](output_dir=".")  # whisper's writers want a folder; ours write to a handle
+            target = _target(target_dir, name)
 
             def write(handle: TextIO, writer: Any = writer) -> None:
                 writer.write_result(result, file=handle, options=options)
 
             atomic_write_text(target, write)
-            written.append(target)
+            written.append(target.path)
     except OSError as err:
-        raise TransientError(
-            f"cannot write outputs to {target_dir}: {err.strerror or err}", stage=STAGE
-        ) from err
+        where = target_dir.display if isinstance(target_dir, Place) else target_dir
+        raise TransientError(f"cannot write outputs to {where}: {err.strerror or err}", stage=STAGE) from err
     return tuple(written)
