@@ -41,17 +41,33 @@ BUILTIN_IGNORES = (
     "desktop.ini", "@eaDir", ".stfolder", ".~tmp~", "#recycle",
 )  # fmt: skip
 
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+_DURATION = re.compile(
+    r"^\s*(?:(\d+(?:\.\d+)?)d)?\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$"
+)
 
 
 def parse_duration(value: Any) -> Any:
-    """Return seconds for `90`, `"90s"`, `"5m"`, `"1h30m"`; other values pass to pydantic."""
+    """Return seconds for `90`, `"90s"`, `"5m"`, `"1h30m"`, `"90d"`; other values pass to pydantic."""
     if isinstance(value, str):
         m = _DURATION.match(value)
         if not m or not any(m.groups()):
-            raise ValueError(f"not a duration: {value!r} (use seconds, or e.g. '30s', '5m', '1h')")
-        hours, minutes, seconds = (float(g) if g else 0.0 for g in m.groups())
-        return hours * 3600 + minutes * 60 + seconds
+            raise ValueError(f"not a duration: {value!r} (use seconds, or e.g. '30s', '5m', '1h', '90d')")
+        days, hours, minutes, seconds = (float(g) if g else 0.0 for g in m.groups())
+        return days * 86400 + hours * 3600 + minutes * 60 + seconds
+    return value
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> Any:
+    """Return bytes for `1073741824`, `"1G"`, `"500MiB"`, `"2 GB"` (binary multiples); others pass to pydantic."""
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if not m:
+            raise ValueError(f"not a size: {value!r} (use bytes, or e.g. '500M', '1G')")
+        number, unit = float(m.group(1)), m.group(2).lower()
+        return int(number * 1024 ** " kmgt".index(unit or " "))
     return value
 
 
@@ -87,6 +103,7 @@ def _temperature(value: Any) -> Any:
 
 
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+Bytes = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 Language = Annotated[str, AfterValidator(_language)]
 OutputFormats = Annotated[tuple[OutputFormat, ...], BeforeValidator(_formats), Field(min_length=1)]
 NameTemplate = Annotated[str, AfterValidator(_name_template)]
@@ -154,6 +171,7 @@ class Rule(_Strict):
     hallucination_silence_threshold: float | None = Field(None, gt=0, description="skip silences longer than this many seconds around a likely hallucination (needs word_timestamps)")
     skip_silence: Seconds = Field(3.0, description="decode around silences at least this long (below silence_threshold_db), so cues after them start on time and nothing is invented over them; 0 decodes everything")
     silence_threshold_db: float = Field(-60.0, le=0, description="RMS level in dBFS (per 20 ms) below which audio counts as silence for skip_silence")
+    max_duration: Optional[Seconds] = Field(None, gt=0, description="refuse files that last longer than this (e.g. '4h'); null: no limit but the 48 h a file that declares no duration is decoded to at most")
     max_attempts: int = Field(5, ge=1, description="attempts for a transiently failing file before it goes to the failed folder")
     retry_base_delay: Seconds = Field(30.0, description="first retry delay; doubles each attempt, with full jitter")
     retry_max_delay: Seconds = Field(3600.0, description="cap on the retry delay")
@@ -287,6 +305,8 @@ class Settings(_Strict):
     extract_timeout: Seconds = Field(3600.0, gt=0, description="wall-clock limit for ffmpeg's audio extraction")
     rescan_interval: Seconds = Field(300.0, gt=0, description="every inbox is rescanned this often, whatever the watch mode: watchers miss files")
     shutdown_grace: Seconds = Field(30.0, description="on SIGTERM, how long the current job may run on before it is handed back to the queue")
+    retention: Seconds = Field(90 * 86400.0, description="finished jobs older than this leave the journal (files kept in the inbox excepted); 0 keeps them forever")
+    min_free_space: Bytes = Field(1 << 30, description="a folder whose outbox, archive or failed folder, or the state directory, has less free space than this is paused until there is more")
 
 
 class ConfigFile(Settings):

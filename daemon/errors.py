@@ -11,7 +11,8 @@ WhisperdError
 ├── UnsafePath           a path below a root leads through a symlink (also an OSError)
 ├── ModelError           a model cannot be found or loaded
 ├── GpuFault             the CUDA context is poisoned: only a new process recovers
-└── JobCancelled         control flow: the running job was asked to stop (shutdown); requeue it
+├── JobCancelled         control flow: the running job was asked to stop (shutdown); requeue it
+└── FileChanged          control flow: the original changed while it was processed (still arriving)
 """
 
 from __future__ import annotations
@@ -146,3 +147,11 @@ class GpuFault(WhisperdError):
 
 class JobCancelled(WhisperdError):
     """The running job was asked to stop (shutdown): it goes back to the queue, no attempt counted."""
+
+
+class FileChanged(WhisperdError):
+    """The original changed while it was being processed: it is still arriving (a copy that paused).
+
+    Not the file's fault and not an attempt: the work is discarded, the original goes back to the
+    inbox and waits to settle again.
+    """

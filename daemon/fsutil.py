@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, TextIO
 
 from daemon import names
+from daemon.crashpoints import crash_point
 from daemon.errors import UnsafePath
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -313,6 +314,7 @@ def move_to_free_name(source: Place, wanted: Place) -> Place:
                 continue  # taken: try the next name
             except OSError:
                 break  # no hard links here (or across file systems): check, then move
+            crash_point("linked")
             os.unlink(source.name, dir_fd=src_fd)
             os.fsync(dst_fd)
             os.fsync(src_fd)
@@ -344,6 +346,14 @@ def move_new(source: Place, target: Place) -> None:
             os.fsync(src_fd)
             return
     move(source, target)
+
+
+def probe_writable(folder: Place) -> None:
+    """Create the folder if needed and make sure a file can be created in it; raise OSError if not."""
+    with opened_dir(folder, create=True) as fd:
+        name = temp_name()
+        os.close(os.open(name, NEW_FILE_FLAGS, 0o600, dir_fd=fd))
+        os.unlink(name, dir_fd=fd)
 
 
 def unlink(place: Place) -> None:

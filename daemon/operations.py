@@ -20,6 +20,7 @@ from typing import Any
 from daemon import fsutil, layout, names
 from daemon.config import Config, Folder
 from daemon.errors import WhisperdError
+from daemon.instances import owner_is_dead
 from daemon.journal import FileIdentity, Job, JobState, Journal, open_journal
 
 RECENT_FAILURES = 10
@@ -61,6 +62,8 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
         view |= {"original": job.disposed_path, "finished_at": _iso(job.finished_at)}
     if job.state == JobState.DONE:
         view |= {"outputs": list(job.outputs), "original": job.disposed_path, "finished_at": _iso(job.finished_at)}
+    if job.warning:
+        view["warning"] = job.warning
     return view
 
 
@@ -74,8 +77,13 @@ def status_report(config: Config, journal: Journal, now: float | None = None) ->
         folders.setdefault(name, {s: by_state.get(s, 0) for s in states})
     waiting = journal.jobs([JobState.QUEUED, JobState.RETRY_WAIT])
     failed = journal.jobs([JobState.FAILED])
+    paused: dict[str, str] = {}
+    for instance in journal.instances():
+        if not owner_is_dead(instance.owner):
+            paused |= instance.paused
     return {
         "folders": folders,
+        "paused": paused,
         "running": [job_view(j, now) for j in journal.jobs([JobState.RUNNING])],
         "queue": [job_view(j, now) for j in sorted(waiting, key=lambda j: (-j.priority, j.next_attempt_at))][
             :QUEUE_SHOWN
@@ -93,6 +101,8 @@ def format_status(report: dict[str, Any]) -> str:
     for name, counts in report["folders"].items():
         summary = ", ".join(f"{n} {state}" for state, n in counts.items() if n) or "no jobs"
         lines.append(f"{name}: {summary}")
+    for name, reason in report.get("paused", {}).items():
+        lines.append(f"paused: {name}: {reason}")
     for job in report["running"]:
         eta = f", about {_duration(job['eta_s'])} left" if job.get("eta_s") is not None else ""
         lines.append(f"running: #{job['id']} {job['folder']}/{job['path']} {round(job['progress'] * 100)}%{eta}")

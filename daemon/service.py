@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -24,12 +25,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from daemon import fsutil, layout, names
 from daemon import log as logsetup
 from daemon.config import Folder, load_config
-from daemon.errors import ConfigError, GpuFault, ModelError, ToolMissing
+from daemon.errors import ConfigError, GpuFault, ModelError
+from daemon.health import Health
 from daemon.instances import default_owner, owner_is_dead
 from daemon.journal import FileIdentity, Job, JobState, open_journal
 from daemon.models import ModelRegistry
 from daemon.pipeline.transcribe import WhisperEngine
-from daemon.proc import LIMIT_TOOLS
 from daemon.systemd import Notifier, watchdog_interval
 from daemon.watcher import FolderWatcher, ReadyFile
 from daemon.worker import Worker, ensure_area
@@ -43,10 +44,17 @@ IDLE_POLL_S = 2.0  # an idle worker looks at the journal at least this often (ot
 HEARTBEAT_IDLE_S = 0.25  # an idle worker still beats this often
 STATUS_EVERY_S = 1.0  # how often systemd's STATUS= line is refreshed (sent only when it changed)
 INSTANCE_BEAT_S = 15.0  # how often this process tells the journal it is alive (and its models)
+CANCEL_WAIT_S = 5.0  # after shutdown_grace, at most this long for the job to reach a safe point
+PRUNE_EVERY_S = 6 * 3600.0  # finished jobs past the retention are removed this often (and at start)
 MODEL_LOAD_EXTENSION_S = 900  # EXTEND_TIMEOUT_USEC granted per model loaded before READY=1
 # Test-only switch: while the file named here exists, the worker loop hangs without a heartbeat,
 # the way a wedged GPU call would, so tests can watch the watchdog pings stop.
 TEST_HANG_FILE_ENV = "WHISPERD_TEST_HANG_FILE"
+
+
+def cancel_wait(grace_s: float) -> float:
+    """Return how long a cancelled job may take to reach its next check before the process leaves anyway."""
+    return min(max(grace_s, 0.5), CANCEL_WAIT_S)
 
 
 class Service:
@@ -75,11 +83,6 @@ class Service:
         """Open the journal, recover, load models, start watching and working."""
         settings = self.config.settings
         logsetup.configure(settings.log_format, settings.log_level)
-        missing = [tool for tool in ("ffmpeg", "ffprobe", *LIMIT_TOOLS) if shutil.which(tool) is None]
-        if missing:
-            # Without them every file would fail: refuse to start instead of emptying the inboxes.
-            raise ToolMissing(f"{' and '.join(missing)} not found on PATH; install ffmpeg (apt-get install "
-                              "ffmpeg); prlimit and ionice come with util-linux, nice with coreutils")
         log.info("starting", config=str(self.config_path), folders=list(self.config.folders), owner=self.owner)
         self.journal = open_journal(settings.state_dir)
         now = time.time()
@@ -100,8 +103,12 @@ class Service:
             self.notifier.status(f"loading model {name} …")
             with contextlib.suppress(ModelError):  # logged by the registry; its files wait, the rest flow
                 self.registry.get(name)
+        self.health = Health()
+        self.health.on_change = self._health_changed
         self.worker = Worker(lambda: self.config, self.journal, WhisperEngine(self.registry),
-                             owner=self.owner, on_retry=self._schedule_wakeup)
+                             owner=self.owner, on_retry=self._schedule_wakeup, health=self.health)
+        # Without ffmpeg every file would fail: its folders pause until it is installed (said at start too).
+        self.health.paused(self.config, time.time())
 
         self.scheduler = BackgroundScheduler(timezone=timezone.utc)
         self.scheduler.add_job(self._tick, "interval", seconds=TICK_S, id="tick",
@@ -112,6 +119,8 @@ class Service:
                                max_instances=1, coalesce=True)
         self.scheduler.add_job(self._beat_instance, "interval", seconds=INSTANCE_BEAT_S, id="instance",
                                max_instances=1, coalesce=True)
+        self.scheduler.add_job(self._prune, "interval", seconds=PRUNE_EVERY_S, id="prune", max_instances=1,
+                               coalesce=True, next_run_time=datetime.now(timezone.utc))
         ping_every = watchdog_interval()
         if ping_every is not None:
             # A stale heartbeat (no progress for a whole WatchdogSec) stops the pings.
@@ -146,6 +155,7 @@ class Service:
         killed write left in the outputs' folders are removed too.
         """
         now = time.time()
+        self._remove_stale_work()
         for folder in self.config.folders.values():
             current = layout.processing_base(folder, self.config.settings.state_dir)
             hidden = fsutil.Place(folder.inbox, layout.HIDDEN_PROCESSING)
@@ -171,6 +181,18 @@ class Service:
                     continue
                 for place in removed:
                     log.info("temp_file_removed", file=place.display, reason="left by a write that was interrupted")
+
+    def _remove_stale_work(self) -> None:
+        """Remove the decoded audio of jobs that no live process runs (a crash left it)."""
+        root = self.config.settings.state_dir / "work"
+        if not root.is_dir():
+            return
+        for entry in root.iterdir():
+            job = self.journal.get(int(entry.name)) if entry.name.isdigit() else None
+            if job is not None and job.state == JobState.RUNNING:
+                continue  # another instance's job, running now
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("work_removed", path=str(entry), reason="decoded audio of a job that no longer runs")
 
     @staticmethod
     def _warn_if_shared(folder: Folder, area: fsutil.Place) -> None:
@@ -263,13 +285,34 @@ class Service:
             parts.append(f"{retrying} retrying")
         for name in self.registry.unavailable():
             parts.append(f"model {name} unavailable, next try in {round(self.registry.retry_in(name) or 0)} s")
+        for folder, reason in self.health.reasons().items():
+            parts.append(f"{folder} paused: {reason}")
         return " · ".join(parts)
+
+    def _health_changed(self) -> None:
+        """A folder paused or resumed: say so in the status line and the journal now, not at the next beat."""
+        self._beat_instance()
+        self._update_status()
+
+    def _prune(self) -> None:
+        """Remove finished jobs older than the retention from the journal."""
+        retention = self.config.settings.retention
+        if retention <= 0:
+            return
+        try:
+            removed = self.journal.prune(before=time.time() - retention)
+        except Exception as err:  # a busy or full disk: tried again next time
+            log.warning("prune_failed", error=f"{type(err).__name__}: {err}")
+            return
+        if removed:
+            log.info("journal_pruned", jobs=removed, older_than_days=round(retention / 86400, 1))
 
     def _beat_instance(self) -> None:
         """Tell the journal this process is alive and which models it holds (`whisperd models`)."""
         with contextlib.suppress(Exception):  # a busy journal must not break a model load or the scheduler
             self.journal.beat_instance(self.owner, now=time.time(), started_at=self.started_at,
-                                       models=self.registry.loaded())
+                                       models=self.registry.loaded(),
+                                       paused=self.health.reasons() if hasattr(self, "health") else {})
 
     def _update_status(self) -> None:
         line = self.status_line()
@@ -377,17 +420,42 @@ class Service:
             self.scheduler.shutdown(wait=False)
         for watcher in self.watchers.values():
             watcher.stop()
+        with contextlib.suppress(Exception):
+            # Recorded first: if this stop ends in SIGKILL (TimeoutStopSec), the next start knows the
+            # job it interrupted did not crash whisperd.
+            self.journal.mark_stopping(self.owner, now=time.time())
         thread = self._worker_thread
         if thread is not None:
             thread.join(timeout=grace)
             if thread.is_alive():
                 log.info("cancelling_job", job_id=self.worker.current.id if self.worker.current else None)
-                self.worker.cancel()
-                thread.join(timeout=30)
+                self.worker.cancel()  # the job stops at its next check: between whisper windows, or ffmpeg killed
+                thread.join(timeout=cancel_wait(grace))
+            if thread.is_alive():
+                self._leave_mid_window()
         with contextlib.suppress(Exception):
             self.journal.remove_instance(self.owner)
         self.journal.close()
         log.info("stopped")
+
+    def _leave_mid_window(self) -> None:
+        """Hand the running job back and exit 0 while a whisper window that cannot be interrupted runs on.
+
+        Returning normally would finalise the interpreter under torch's running thread, which aborts
+        the process ("terminate called without an active exception", exit 134).
+        """
+        job = self.worker.current
+        if job is not None:
+            with contextlib.suppress(Exception):
+                self.journal.requeue(job.id, now=time.time())
+            log.info("job_requeued", job_id=job.id, folder=job.folder, file=job.rel_path,
+                     reason="shutdown: its whisper window could not be interrupted in time; it starts over next time")
+        with contextlib.suppress(Exception):
+            self.journal.remove_instance(self.owner)
+            self.journal.close()
+        log.info("stopped", exit_code=self.exit_code)
+        sys.stderr.flush()
+        os._exit(self.exit_code)
 
     def run(self) -> int:
         """Run until SIGTERM or SIGINT; SIGHUP reloads. Return the exit code (non-zero after a GPU fault)."""

@@ -6,6 +6,8 @@ tracker, and `poll(now)` hands on the files that have settled. It never processe
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import stat
 import threading
@@ -110,6 +112,11 @@ class StabilityTracker:
                 self._forget(path)
                 continue
             if (st.st_size, st.st_mtime_ns) == (seen.size, seen.mtime_ns):
+                if stat.S_ISREG(st.st_mode) and self._held_for_writing(path):
+                    # Quiet, but a local writer still has it open (a copy paused mid-way): wait on.
+                    with self._lock:
+                        seen.last_touch = now
+                    continue
                 self._forget(path)
                 ready.append((path, st))
             else:
@@ -118,9 +125,59 @@ class StabilityTracker:
                     seen.size, seen.mtime_ns, seen.last_touch = st.st_size, st.st_mtime_ns, now
         return ready
 
+    def _held_for_writing(self, path: Path) -> bool:
+        """Return True when a process on this machine has the file open for writing.
+
+        A read lease is refused while anyone holds the file open for writing (where leases are
+        permitted: the file's owner, or CAP_LEASE); elsewhere /proc's descriptor tables tell, for
+        the processes this one may see. Writers on other machines (SMB/NFS) are seen by neither:
+        for them the stability delay, and the worker's re-checks, are what count.
+        """
+        try:
+            fd = fsutil.open_read(fsutil.Place(self.root, PurePosixPath(path.relative_to(self.root)))) \
+                if self.root is not None else os.open(path, fsutil.READ_FLAGS)
+        except (OSError, ValueError):
+            return False
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EBUSY):
+                return True
+            return writers_in_proc(os.fstat(fd))  # no leases here (not the owner, or NFS)
+        else:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            return False
+        finally:
+            os.close(fd)
+
     def _forget(self, path: Path) -> None:
         with self._lock:
             self._pending.pop(path, None)
+
+
+def writers_in_proc(target: os.stat_result) -> bool:
+    """Return True when a process visible in /proc has this inode open for writing."""
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or another user's and hidden from us
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    flags = int(next(line for line in info if line.startswith("flags:")).split()[1], 8)
+            except (OSError, StopIteration, ValueError):
+                continue
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                return True
+    return False
 
 
 class _EventHandler(FileSystemEventHandler):

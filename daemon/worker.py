@@ -30,8 +30,19 @@ import structlog
 from daemon import fsutil, layout, names
 from daemon.config import Config, Folder, Rule
 from daemon.control import JobControl
-from daemon.errors import GpuFault, JobCancelled, JobError, MediaError, ModelError, TransientError, UnsafePath
+from daemon.crashpoints import crash_point
+from daemon.errors import (
+    FileChanged,
+    GpuFault,
+    JobCancelled,
+    JobError,
+    MediaError,
+    ModelError,
+    TransientError,
+    UnsafePath,
+)
 from daemon.fsutil import Place
+from daemon.health import Health
 from daemon.instances import default_owner
 from daemon.journal import Job, Journal
 from daemon.pipeline import process_file
@@ -42,7 +53,7 @@ from daemon.retry import retry_delay
 log = structlog.get_logger(__name__)
 
 PROGRESS_EVERY_S = 1.0  # journal writes for progress, at most this often
-CRASH_LIMIT = 3  # a file during which the process died this often is set aside in the failed folder
+CRASH_LIMIT = 3  # after this many deaths during one file, one isolated attempt; one more and it is set aside
 MODEL_RETRY_S = 30.0  # when a model failed to load but the registry gave no retry time
 
 
@@ -59,6 +70,7 @@ class Worker:
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
         on_retry: Callable[[Job, float], None] | None = None,
+        health: Health | None = None,
     ) -> None:
         self.config = config
         self.journal = journal
@@ -67,6 +79,7 @@ class Worker:
         self.clock = clock
         self.jitter = jitter
         self.on_retry = on_retry  # told (job, due) so the service can schedule a wake-up
+        self.health = health or Health()  # folders the environment pauses (a full outbox, a lost share)
         self.control = JobControl()
         self.current: Job | None = None
         self.progress: float | None = None  # the current job's fraction done, for status lines
@@ -79,9 +92,11 @@ class Worker:
         """Claim and process the next due job; return it, or None when nothing was due."""
         config = self.config()
         now = self.clock() if now is None else now
-        job = self.journal.claim(list(config.folders), now=now, owner=self.owner)
+        paused = self.health.paused(config, now)
+        job = self.journal.claim([name for name in config.folders if name not in paused], now=now, owner=self.owner)
         if job is None:
             return None
+        crash_point("claimed")
         self.current, self.progress = job, 0.0
         try:
             self._process(config, job)
@@ -99,6 +114,8 @@ class Worker:
         Never leave the job RUNNING under a live owner, where nothing would pick it up again, and
         never retry forever: after the last attempt the job ends as failed where the original lies.
         """
+        if self._postponed_by_environment(config, job, err):
+            return
         attempts = job.attempts + 1
         try:
             rule = config.rule_for(job.folder, job.rel_path)
@@ -141,14 +158,23 @@ class Worker:
                 raise MediaError(f"refused: {refused.why}", path=job.rel_path, stage="claim") from None
             if taken is None:
                 return
-            if job.crashes >= CRASH_LIMIT and job.published_at is None:
+            crash_point("taken")
+            if job.crashes > CRASH_LIMIT and job.published_at is None:
                 raise MediaError(
                     f"whisperd stopped {job.crashes} times while processing this file (killed, out of "
-                    "memory, watchdog or GPU fault); it is set aside so the others can flow",
-                    path=job.rel_path, stage="crash",
+                    "memory, watchdog or GPU fault), the last time in an attempt of its own; it is set "
+                    "aside so the others can flow", path=job.rel_path, stage="crash",
                 )
+            if job.crashes == CRASH_LIMIT and job.published_at is None:
+                # One more attempt, with nothing else in flight (one worker: this is the only job), so
+                # a crash now is this file's doing and not a coincidence.
+                bound.warning("isolated_attempt", crashes=job.crashes,
+                              reason="whisperd died while processing this file before; if it dies again, the "
+                                     "file is set aside")
             if job.published_at is None:
                 bound.info("job_started", model=rule.model, task=rule.task)
+                # Found before the work, not after: an outbox that cannot take files pauses the folder.
+                fsutil.probe_writable(layout.outbox_dir(folder, job.rel_path))
                 result = process_file(
                     taken.source, rule, self.engine, config.settings,
                     target_dir=layout.outbox_dir(folder, job.rel_path),
@@ -156,19 +182,35 @@ class Worker:
                     stem=names.unescape(PurePosixPath(job.rel_path).stem),
                     progress=self._progress_reporter(job),
                     control=self.control,
+                    work_dir=work_dir(config.settings.state_dir, job.id),
+                    on_stage=lambda stage: self.journal.set_stage(job.id, stage, now=self.clock()),
                 )  # fmt: skip
                 self.journal.mark_published(job.id, [names.escape(str(p)) for p in result.outputs],
-                                            result.timings, now=self.clock())
+                                            result.timings, now=self.clock(), warning=result.warning)
+                crash_point("published")
                 audio_s = result.transcript.audio_duration_s
                 total = sum(result.timings.values())
                 bound.info("job_published", outputs=len(result.outputs), audio_s=round(audio_s, 2),
                            duration_s=round(total, 2), rtf=round(total / audio_s, 4) if audio_s else None)
             disposed = self._dispose(job, folder, rule, taken.place)
-            self.journal.mark_done(job.id, disposed.display if disposed else None, now=self.clock())
+            crash_point("disposed")
+            self.journal.mark_done(job.id, disposed.display if disposed else None, now=self.clock(),
+                                   stays=rule.on_success == "keep")
             bound.info("job_done", on_success=rule.on_success, original=disposed.display if disposed else None)
         except JobCancelled:
             self.journal.requeue(job.id, now=self.clock())
             bound.info("job_requeued", reason="shutdown")
+        except FileChanged:
+            # Still arriving (a copy that paused longer than the stability delay): discard the work,
+            # put it back where its writer and the watcher expect it, and let it settle again.
+            if taken is not None:
+                taken.source.close()
+                back = fsutil.move_to_free_name(taken.place, layout.inbox_place(folder, job.rel_path))
+                fsutil.remove_empty_dirs(taken.place.parent, _area_of(job, taken.place))
+                taken = None
+                self.journal.drop(job.id)
+                bound.info("file_changed", reason="it changed while it was processed: still being written; back "
+                           "in the inbox to settle again (not counted as an attempt)", original=back.display)
         except ModelError as err:
             # The environment's fault (no network for a download, a model path that is wrong), never
             # the file's: no attempt is counted, and the job waits until the model is tried again.
@@ -189,6 +231,8 @@ class Worker:
             self.journal.drop(job.id)
             bound.warning("file_vanished", error=str(err))
         except Exception as err:  # transient by type, or unexpected: retry, then give up
+            if self._postponed_by_environment(config, job, err):
+                return
             attempts = job.attempts + 1
             if attempts >= rule.max_attempts:
                 self._fail(job, folder, rule, taken.place if taken else None, err, bound)
@@ -207,6 +251,22 @@ class Worker:
         finally:
             if taken is not None:
                 taken.source.close()
+
+    def _postponed_by_environment(self, config: Config, job: Job, err: Exception) -> bool:
+        """Return True when the environment explains a failure (the folder is now paused): the job then
+        waits, queued, with no attempt counted."""
+        if not isinstance(err, (TransientError, OSError)) or job.folder not in config.folders:
+            return False
+        problem = self.health.recheck(config, job.folder, self.clock())
+        if problem is None:
+            return False
+        due = self.health.retry_at(job.folder) or self.clock() + MODEL_RETRY_S
+        self.journal.requeue(job.id, now=self.clock(), due=due)
+        log.warning("job_postponed", job_id=job.id, folder=job.folder, file=job.rel_path, reason=problem,
+                    error=_reason(err), consequence="not counted as an attempt; the folder is paused")
+        if self.on_retry is not None:
+            self.on_retry(job, due)
+        return True
 
     def _take(self, job: Job, folder: Folder, base: Place, bound: structlog.typing.FilteringBoundLogger) -> (
         _Taken | None
@@ -234,7 +294,8 @@ class Worker:
         if disposed is not None and fsutil.exists(disposed):
             # A crash came after the original was disposed of but before the journal said so.
             if job.published_at is not None:
-                self.journal.mark_done(job.id, disposed.display, now=self.clock())
+                self.journal.mark_done(job.id, disposed.display, now=self.clock(),
+                                       stays=disposed.root == folder.inbox)
                 bound.info("job_done", recovered=True)
             else:
                 self.journal.mark_failed(job.id, job.last_error or "failed (recorded after a restart)",
@@ -400,6 +461,7 @@ class Worker:
         last = [0.0]
 
         def report(fraction: float) -> None:
+            crash_point("window")
             self.progress = fraction
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_S or fraction >= 1.0:
@@ -483,6 +545,11 @@ class _Refused(Exception):
         super().__init__(why)
         self.place = place
         self.why = why
+
+
+def work_dir(state_dir: Path, job_id: int) -> Path:
+    """Return where a job keeps its decoded audio while it runs (local disk, removed when it ends)."""
+    return state_dir / "work" / str(job_id)
 
 
 def ensure_area(folder: Folder, base: Place) -> None:

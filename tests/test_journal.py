@@ -105,9 +105,26 @@ def test_recover_requeues_only_dead_owners_without_counting_an_attempt(journal: 
     dead = journal.claim(["f"], now=2, owner="h:111")
     alive = journal.claim(["f"], now=2, owner="h:222")
     assert dead and alive
+    journal.set_stage(dead.id, "transcribe", now=2)  # it died with the file's audio in whisper
     recovered = journal.recover(lambda owner: owner == "h:111", now=3)
     assert [(j.id, j.state, j.attempts, j.crashes) for j in recovered] == [(dead.id, JobState.QUEUED, 0, 1)]
     assert journal.get(alive.id).state == JobState.RUNNING  # type: ignore[union-attr]
+
+
+def test_a_job_interrupted_by_a_stop_request_is_not_a_crash(journal: SqliteJournal) -> None:
+    """A daemon killed after it was asked to stop (TimeoutStopSec, a second Ctrl-C) counts no crash."""
+    journal.enqueue(_id("a.mp4"), priority=0, now=1, skip_if_done=False)
+    journal.enqueue(_id("b.mp4"), priority=0, now=1, skip_if_done=False)
+    stopped = journal.claim(["f"], now=2, owner="h:111")
+    killed = journal.claim(["f"], now=2, owner="h:222")
+    assert stopped and killed
+    for owner, job in (("h:111", stopped), ("h:222", killed)):
+        journal.beat_instance(owner, now=2, started_at=1, models=[])
+        journal.set_stage(job.id, "transcribe", now=2)
+    journal.mark_stopping("h:111", now=3)
+    recovered = journal.recover(lambda owner: True, now=4)
+    assert {j.id: j.crashes for j in recovered} == {stopped.id: 0, killed.id: 1}
+    assert journal.instances() == []  # the dead processes' records go
 
 
 def test_schema_is_versioned_and_reopening_keeps_data(tmp_path: Path) -> None:
@@ -149,3 +166,53 @@ def test_paths_with_backslashes_are_escaped_by_the_migration(tmp_path: Path) -> 
     from daemon import names
 
     assert names.unescape(job.rel_path) == "a\\x41.mp4"
+
+
+def _counted(journal: SqliteJournal) -> dict[str, dict[str, int]]:
+    counted: dict[str, dict[str, int]] = {}
+    for row in journal._read("SELECT folder, state, COUNT(*) AS n FROM jobs GROUP BY folder, state"):
+        counted.setdefault(row["folder"], {})[row["state"]] = int(row["n"])
+    return counted
+
+
+def test_only_a_death_while_transcribing_counts_against_the_file(journal: SqliteJournal) -> None:
+    """Killed while a file is claimed, moved, probed or published: no crash counted; while whisper decodes it: one."""
+    stages = ("probe", "extract", "transcribe", "publish")
+    for stage in (None, *stages):
+        job = journal.enqueue(_id(f"{stage}.mp4"), priority=0, now=1, skip_if_done=False)
+        assert job is not None
+        journal.claim(["f"], now=2, owner="h:1")
+        if stage:
+            journal.set_stage(job.id, stage, now=2)
+    recovered = journal.recover(lambda owner: True, now=3)
+    assert {j.rel_path: j.crashes for j in recovered} == {
+        "None.mp4": 0, "probe.mp4": 0, "extract.mp4": 0, "transcribe.mp4": 1, "publish.mp4": 0}
+
+
+def test_counts_follow_every_change_without_scanning_the_jobs(journal: SqliteJournal) -> None:
+    """The per-folder counts the status line reads every second stay equal to a full count of the jobs."""
+    ids = [journal.enqueue(_id(f"{i}.mp4"), priority=0, now=1, skip_if_done=False).id for i in range(6)]  # type: ignore[union-attr]
+    journal.claim(["f"], now=2, owner="h:1")
+    journal.mark_done(ids[0], None, now=3)
+    journal.claim(["f"], now=2, owner="h:1")
+    journal.mark_failed(ids[1], "no", "probe", "/failed/1.mp4", now=3)
+    journal.claim(["f"], now=2, owner="h:1")
+    journal.mark_retry(ids[2], "busy", "publish", now=3, due=9)
+    journal.drop(ids[3])
+    assert journal.counts() == _counted(journal) == {"f": {"done": 1, "failed": 1, "retry_wait": 1, "queued": 2}}
+
+
+def test_pruning_removes_old_history_but_never_a_file_that_stays(journal: SqliteJournal) -> None:
+    """Finished jobs past the retention go; those whose original stays in the inbox, and recent or active ones, stay."""
+    ids = [journal.enqueue(_id(f"{i}.mp4"), priority=0, now=1, skip_if_done=False).id for i in range(5)]  # type: ignore[union-attr]
+    for _ in ids:
+        journal.claim(["f"], now=1, owner="h:1")
+    journal.mark_done(ids[0], "/archive/0.mp4", now=10)  # old: pruned
+    journal.mark_failed(ids[1], "no", "probe", "/failed/1.mp4", now=10)  # old: pruned
+    journal.mark_done(ids[2], "/inbox/2.mp4", now=10, stays=True)  # kept in the inbox: its row stops a requeue
+    journal.mark_failed(ids[3], "cannot move", "claim", None, now=10)  # failed in place: the same
+    journal.mark_done(ids[4], None, now=1000)  # recent
+    assert journal.prune(before=500, batch=1) == 2
+    assert sorted(j.id for j in journal.jobs()) == ids[2:]
+    assert journal.counts() == _counted(journal)
+    assert journal.enqueue(_id("2.mp4"), priority=0, now=2000, skip_if_done=True) is None  # still known

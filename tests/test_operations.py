@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,17 +31,18 @@ def whisperd(daemon: Daemon, *args: str, stdin: str | None = None) -> subprocess
 def test_retry_requeues_a_failed_file_once_its_cause_is_fixed(
     make_daemon: Callable[..., Daemon], media_set: MediaSet
 ) -> None:
-    """A file failed by a blocked outbox goes back to the inbox with `whisperd retry JOB` and is done."""
-    daemon = make_daemon({"max_attempts": 1})
-    daemon.folder("outbox").write_text("not a directory")
+    """A file failed by a too tight extract_timeout goes back to the inbox with `whisperd retry JOB` and is done."""
+    daemon = make_daemon({"max_attempts": 1}, extract_timeout=0.001)
     daemon.start()
     drop_file(media_set.speech_mp4, daemon.folder("inbox") / "talks" / "talk.mp4")
     [failed] = daemon.wait_done(1)
     assert failed.state == JobState.FAILED
     listed = json.loads(whisperd(daemon, "jobs", "--state", "failed", "--json").stdout)
-    assert [(j["id"], j["path"], j["stage"]) for j in listed] == [(failed.id, "talks/talk.mp4", "publish")]
+    assert [(j["id"], j["path"], j["stage"]) for j in listed] == [(failed.id, "talks/talk.mp4", "extract")]
 
-    daemon.folder("outbox").unlink()  # the operator fixes the cause
+    daemon.write_config({**daemon.data, "extract_timeout": 3600})  # the operator fixes the cause …
+    daemon.signal(signal.SIGHUP)  # … and reloads
+    daemon.wait_for(lambda: daemon.event("reloaded"), 20, "the reload")
     result = whisperd(daemon, "retry", str(failed.id))
     assert result.returncode == 0, result.stderr
     assert f"queued again: #{failed.id} media/talks/talk.mp4" in result.stdout

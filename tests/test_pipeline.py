@@ -157,14 +157,14 @@ def _dominant_hz(samples: np.ndarray) -> float:
 )
 def test_audio_track_selection(
     media_set: MediaSet, fast_rule: Callable[..., Rule], audio_track: object, expected_hz: float,
-    expected_tag: str,
+    expected_tag: str, tmp_path: Path,
 ) -> None:
     """A language-tag rule picks that track (440 Hz eng, 880 Hz fra); an absent tag falls back."""
     info = probe(open_path(media_set.two_tracks))
     stream = select_stream(info, fast_rule(audio_track=audio_track))
     assert stream.language == expected_tag
-    audio = extract(info, stream)
-    assert abs(_dominant_hz(audio.samples) - expected_hz) < 5
+    audio = extract(info, stream, work_dir=tmp_path)
+    assert abs(_dominant_hz(np.asarray(audio.samples)) - expected_hz) < 5
 
 
 def test_track_index_out_of_range_is_a_media_error(
@@ -175,21 +175,22 @@ def test_track_index_out_of_range_is_a_media_error(
         select_stream(probe(open_path(media_set.two_tracks)), fast_rule(audio_track=5))
 
 
-def test_start_delay_is_measured_by_extract(media_set: MediaSet) -> None:
+def test_start_delay_is_measured_by_extract(media_set: MediaSet, tmp_path: Path) -> None:
     """A track starting 2 s into the container is decoded with a 2 s offset."""
     info = probe(open_path(media_set.delayed))
-    audio = extract(info, info.audio_streams[0])
+    audio = extract(info, info.audio_streams[0], work_dir=tmp_path)
     assert audio.offset_s == pytest.approx(2.0, abs=0.05)
     plain = probe(open_path(media_set.speech_mp4))
-    assert extract(plain, plain.audio_streams[0]).offset_s == pytest.approx(0.0, abs=0.05)
+    plain_audio = extract(plain, plain.audio_streams[0], work_dir=tmp_path / "plain")
+    assert plain_audio.offset_s == pytest.approx(0.0, abs=0.05)
 
 
 def test_start_delay_shifts_every_segment_by_the_offset(
-    media_set: MediaSet, engine: WhisperEngine, fast_rule: Callable[..., Rule]
+    media_set: MediaSet, engine: WhisperEngine, fast_rule: Callable[..., Rule], tmp_path: Path
 ) -> None:
     """The same audio placed 2 s later yields the same segments, each 2 s later."""
     info = probe(open_path(media_set.speech_mp4))
-    audio = extract(info, info.audio_streams[0])
+    audio = extract(info, info.audio_streams[0], work_dir=tmp_path)
     rule = fast_rule(word_timestamps=True)
     plain = engine.transcribe(audio, rule)
     delayed = engine.transcribe(dataclasses.replace(audio, offset_s=2.0), rule)

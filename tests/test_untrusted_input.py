@@ -26,10 +26,17 @@ from daemon.pipeline.transcribe import WhisperEngine
 from daemon.worker import Worker
 
 
-def _worker(tmp_path: Path, config: Config, engine: WhisperEngine, clock: list[float]) -> tuple[Worker, SqliteJournal]:
+def _worker(
+    tmp_path: Path, config: Config | Callable[[], Config], engine: WhisperEngine, clock: list[float]
+) -> tuple[Worker, SqliteJournal]:
     journal = SqliteJournal(tmp_path / "journal.sqlite3")
-    return Worker(lambda: config, journal, engine, owner="test:1", clock=lambda: clock[0],
-                  jitter=lambda: 1.0), journal
+    current = config if callable(config) else (lambda: config)
+    return Worker(current, journal, engine, owner="test:1", clock=lambda: clock[0], jitter=lambda: 1.0), journal
+
+
+def _outputs(folder: Path) -> list[Path]:
+    """Return the files in an outbox (its folders may exist: whisperd checks it is writable first)."""
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
 
 
 def test_tools_run_under_resource_limits_and_low_priority() -> None:
@@ -139,12 +146,12 @@ def test_a_link_planted_during_a_retry_wait_is_refused(
 ) -> None:
     """With the processing area in the share, a link swapped in for the waiting original goes to failed/ unread."""
     config = config_factory({"processing": str(tmp_path / "inbox" / ".proc")})
+    current = [config_factory({"processing": str(tmp_path / "inbox" / ".proc")}, extract_timeout=0.001)]
     folder = config.folders["media"]
     folder.inbox.mkdir(parents=True)
-    folder.outbox.write_text("a file where the outbox should be")  # publish fails: a retry wait
     shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4")
     clock = [10.0]
-    worker, journal = _worker(tmp_path, config, engine, clock)
+    worker, journal = _worker(tmp_path, lambda: current[0], engine, clock)  # the first attempt times out
     job_id = enqueue_file(journal, folder.inbox / "talk.mp4", "talk.mp4", now=0)
     worker.run_once()
     job = journal.get(job_id)
@@ -154,13 +161,13 @@ def test_a_link_planted_during_a_retry_wait_is_refused(
     shutil.copyfile(media_set.speech_wav, secret)
     waiting.unlink()
     waiting.symlink_to(secret)
-    folder.outbox.unlink()
+    current[0] = config
     clock[0] = job.next_attempt_at
     worker.run_once()
     job = journal.get(job_id)
     assert job is not None and job.state == JobState.FAILED
     assert "symbolic link was found in the processing area" in (job.last_error or "")
-    assert (folder.failed / "talk.mp4").is_symlink() and not folder.outbox.exists()
+    assert (folder.failed / "talk.mp4").is_symlink() and _outputs(folder.outbox) == []
     assert secret.read_bytes() == media_set.speech_wav.read_bytes()
 
 
@@ -169,18 +176,18 @@ def test_a_different_file_planted_in_the_processing_area_is_refused(
 ) -> None:
     """A regular file swapped in for the waiting original (another inode) is not transcribed."""
     config = config_factory({"processing": str(tmp_path / "inbox" / ".proc")})
+    current = [config_factory({"processing": str(tmp_path / "inbox" / ".proc")}, extract_timeout=0.001)]
     folder = config.folders["media"]
     folder.inbox.mkdir(parents=True)
-    folder.outbox.write_text("a file where the outbox should be")
     shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4")
     clock = [10.0]
-    worker, journal = _worker(tmp_path, config, engine, clock)
+    worker, journal = _worker(tmp_path, lambda: current[0], engine, clock)  # the first attempt times out
     job_id = enqueue_file(journal, folder.inbox / "talk.mp4", "talk.mp4", now=0)
     worker.run_once()
     waiting = tmp_path / "inbox" / ".proc" / str(job_id) / "talk.mp4"
     waiting.unlink()
     shutil.copyfile(media_set.speech_mp3, waiting)
-    folder.outbox.unlink()
+    current[0] = config
     job = journal.get(job_id)
     assert job is not None
     clock[0] = job.next_attempt_at
@@ -188,21 +195,23 @@ def test_a_different_file_planted_in_the_processing_area_is_refused(
     job = journal.get(job_id)
     assert job is not None and job.state == JobState.FAILED
     assert "another file was found in the processing area" in (job.last_error or "")
-    assert not folder.outbox.exists()
+    assert _outputs(folder.outbox) == []
 
 
 def test_failing_to_report_a_failure_is_bounded_by_max_attempts(
     tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
 ) -> None:
-    """When even the failed folder cannot take the original, the job ends failed after max_attempts, not never."""
+    """When even the failed folder cannot take the original (a link planted in it), the job ends failed
+    after max_attempts, not never."""
     config = config_factory({"max_attempts": 3})
     folder = config.folders["media"]
-    folder.inbox.mkdir(parents=True)
-    folder.failed.write_text("a file where the failed folder should be")
-    shutil.copyfile(media_set.not_media, folder.inbox / "notes.mp4")
+    (folder.inbox / "sub").mkdir(parents=True)
+    folder.failed.mkdir()
+    (folder.failed / "sub").symlink_to(tmp_path)
+    shutil.copyfile(media_set.not_media, folder.inbox / "sub" / "notes.mp4")
     clock = [10.0]
     worker, journal = _worker(tmp_path, config, engine, clock)
-    job_id = enqueue_file(journal, folder.inbox / "notes.mp4", "notes.mp4", now=0)
+    job_id = enqueue_file(journal, folder.inbox / "sub" / "notes.mp4", "sub/notes.mp4", now=0)
     for _ in range(10):
         if worker.run_once(now=1e12) is None:
             break
@@ -245,14 +254,14 @@ def test_a_crash_between_archive_link_and_unlink_finishes_the_job_once(
 ) -> None:
     """The original found under both names (archive and processing area) after a crash: done, archived once."""
     config = config_factory()
+    current = [config_factory(extract_timeout=0.001)]  # the first attempt stops after the take
     folder = config.folders["media"]
     folder.inbox.mkdir(parents=True)
     shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4")
-    worker, journal = _worker(tmp_path, config, engine, [10.0])
+    worker, journal = _worker(tmp_path, lambda: current[0], engine, [10.0])
     job_id = enqueue_file(journal, folder.inbox / "talk.mp4", "talk.mp4", now=0)
-    folder.outbox.write_text("not a folder")  # stop the first attempt after the take
     worker.run_once()
-    folder.outbox.unlink()
+    current[0] = config
     job = journal.get(job_id)
     assert job is not None and job.processing_path is not None
     waiting = Path(names.unescape(job.processing_path))
@@ -274,12 +283,13 @@ def test_a_configured_area_in_the_inbox_swapped_for_a_link_is_not_followed(
 ) -> None:
     """A processing area hidden in the inbox and replaced by a link to an outside folder: nothing there is touched."""
     config = config_factory({"processing": str(tmp_path / "inbox" / ".proc"), "max_attempts": 2})
+    current = [config_factory({"processing": str(tmp_path / "inbox" / ".proc"), "max_attempts": 2},
+                              extract_timeout=0.001)]
     folder = config.folders["media"]
     folder.inbox.mkdir(parents=True)
-    folder.outbox.write_text("not a folder")
     shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4")
     clock = [10.0]
-    worker, journal = _worker(tmp_path, config, engine, clock)
+    worker, journal = _worker(tmp_path, lambda: current[0], engine, clock)  # the first attempt times out
     job_id = enqueue_file(journal, folder.inbox / "talk.mp4", "talk.mp4", now=0)
     worker.run_once()
     outside = tmp_path / "hr"
@@ -288,13 +298,13 @@ def test_a_configured_area_in_the_inbox_swapped_for_a_link_is_not_followed(
     before = {p.name: p.read_bytes() for p in (outside / str(job_id)).iterdir()}
     shutil.rmtree(tmp_path / "inbox" / ".proc")
     (tmp_path / "inbox" / ".proc").symlink_to(outside)
-    folder.outbox.unlink()
+    current[0] = config
     for _ in range(4):
         worker.run_once(now=1e12)
     assert journal.get(job_id) is None  # its original went with the folder the link replaced: nothing to do
     assert (folder.failed / ".proc").is_symlink()  # the link was moved aside, as a link, unfollowed
     assert {p.name: p.read_bytes() for p in (outside / str(job_id)).iterdir()} == before
-    assert not folder.outbox.exists()
+    assert _outputs(folder.outbox) == []
 
 
 def test_a_processing_area_on_another_file_system_copies_only_what_was_checked(

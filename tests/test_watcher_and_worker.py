@@ -121,11 +121,10 @@ def _worker_setup(
 def test_worker_retries_with_growing_delays_then_fails(
     tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
 ) -> None:
-    """With an unwritable outbox each retry waits twice as long (no jitter), then the file goes to failed/."""
-    config = config_factory({"max_attempts": 4, "retry_base_delay": 10, "retry_max_delay": 25})
+    """With ffmpeg past its timeout each retry waits twice as long (no jitter), then the file goes to failed/."""
+    config = config_factory({"max_attempts": 4, "retry_base_delay": 10, "retry_max_delay": 25}, extract_timeout=0.001)
     folder = config.folders["media"]
     folder.inbox.mkdir(parents=True)
-    folder.outbox.write_text("a file where the outbox should be")
     shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4")
     clock = [1000.0]
     worker, journal = _worker_setup(tmp_path, config, engine, clock)
@@ -184,20 +183,22 @@ def test_worker_keeps_each_archived_original_under_a_free_name(
 def test_a_file_that_keeps_crashing_the_process_is_set_aside(
     tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
 ) -> None:
-    """After three crashes of the daemon during one file (kill -9, OOM, GPU fault) it goes to failed/."""
+    """After three crashes of the daemon during one file (kill -9, OOM, GPU fault), and a fourth in the
+    isolated attempt that follows, it goes to failed/."""
     config = config_factory()
     folder = config.folders["media"]
     folder.inbox.mkdir(parents=True)
     shutil.copyfile(media_set.speech_mp4, folder.inbox / "poison.mp4")
     worker, journal = _worker_setup(tmp_path, config, engine, [10.0])
     job_id = enqueue_file(journal, folder.inbox / "poison.mp4", "poison.mp4", now=0)
-    for n in range(3):  # what three restarts after a crash leave behind
+    for n in range(4):  # what four deaths while transcribing it, and restarts, leave behind
         assert journal.claim(["media"], now=n + 1, owner="gone:1") is not None
+        journal.set_stage(job_id, "transcribe", now=n + 1)
         journal.recover(lambda owner: True, now=n + 1)
     assert worker.run_once() is not None
     job = journal.get(job_id)
-    assert job is not None and (job.state, job.crashes, job.last_stage) == (JobState.FAILED, 3, "crash")
-    assert "stopped 3 times while processing this file" in (folder.failed / "poison.mp4.error.txt").read_text()
+    assert job is not None and (job.state, job.crashes, job.last_stage) == (JobState.FAILED, 4, "crash")
+    assert "stopped 4 times while processing this file" in (folder.failed / "poison.mp4.error.txt").read_text()
     assert not folder.outbox.exists()  # never transcribed again
 
 
@@ -254,6 +255,7 @@ def test_a_job_whose_original_already_reached_the_archive_is_finished(
     config = config_factory()
     folder = config.folders["media"]
     worker, journal = _worker_setup(tmp_path, config, engine, [10.0])
+    folder.inbox.mkdir(parents=True)
     folder.archive.mkdir(parents=True)
     archived = folder.archive / "talk.mp4"
     archived.write_text("x")

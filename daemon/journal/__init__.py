@@ -69,6 +69,9 @@ class Job:
     crashes: int = 0  # times the process died while this job ran
     file_device: int | None = None  # the original's inode as it was taken (st_dev, st_ino) …
     file_inode: int | None = None  # … so a file planted in its place is told apart
+    warning: str | None = None  # what the user should know about the result (a short decode)
+    stays: int = 0  # 1 when the original stays in the inbox (kept, or failed in place): never pruned
+    running_stage: str | None = None  # while running: probe, extract, transcribe or publish
 
     @property
     def identity(self) -> FileIdentity:
@@ -85,6 +88,8 @@ class Instance:
     started_at: float
     beat_at: float  # the last time it said it was alive
     models: tuple[str, ...]  # the models resident in it
+    stopping_at: float | None = None  # when it was asked to stop, if it was
+    paused: dict[str, str] = field(default_factory=dict)  # folder → why the environment paused it
 
 
 def open_journal(state_dir: Path, *, create: bool = True) -> Journal:
@@ -129,16 +134,22 @@ class Journal(Protocol):
         """Record where the original will be moved while the job owns it, and which inode it is."""
         ...
 
+    def set_stage(self, job_id: int, stage: str, *, now: float) -> None:
+        """Record which stage a running job has reached (probe, extract, transcribe, publish)."""
+        ...
+
     def set_progress(self, job_id: int, fraction: float, *, now: float) -> None:
         """Record how far a running job is."""
         ...
 
-    def mark_published(self, job_id: int, outputs: Sequence[str], timings: dict[str, float], *, now: float) -> None:
-        """Record that outputs are durable; only the original's disposal is left."""
+    def mark_published(
+        self, job_id: int, outputs: Sequence[str], timings: dict[str, float], *, now: float, warning: str | None = None
+    ) -> None:
+        """Record that outputs are durable (and what the user should know); only the disposal is left."""
         ...
 
-    def mark_done(self, job_id: int, disposed_path: str | None, *, now: float) -> None:
-        """Finish a job successfully."""
+    def mark_done(self, job_id: int, disposed_path: str | None, *, now: float, stays: bool = False) -> None:
+        """Finish a job successfully; `stays`: the original stays in the inbox (on_success: keep)."""
         ...
 
     def mark_retry(self, job_id: int, error: str, stage: str | None, *, now: float, due: float) -> None:
@@ -167,7 +178,8 @@ class Journal(Protocol):
         ...
 
     def recover(self, is_dead: Callable[[str | None], bool], *, now: float) -> list[Job]:
-        """Return jobs left RUNNING by workers that are gone, queued again with one more crash counted."""
+        """Return jobs left RUNNING by workers that are gone, queued again; a crash is counted unless
+        the worker had been asked to stop."""
         ...
 
     def requeue_failed(self, job_id: int, *, now: float) -> bool:
@@ -175,15 +187,27 @@ class Journal(Protocol):
         ...
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Return the number of jobs per folder and state."""
+        """Return the number of jobs per folder and state (without scanning the jobs)."""
+        ...
+
+    def prune(self, *, before: float, batch: int = 5000) -> int:
+        """Delete finished jobs that ended before `before`, except those whose original stays in the
+        inbox; return how many."""
         ...
 
     def next_due_at(self, folders: Collection[str]) -> float | None:
         """Return when the earliest waiting job of these folders is due, or None."""
         ...
 
-    def beat_instance(self, owner: str, *, now: float, started_at: float, models: Sequence[str]) -> None:
-        """Record that a daemon process is alive, and which models it holds."""
+    def beat_instance(
+        self, owner: str, *, now: float, started_at: float, models: Sequence[str],
+        paused: Mapping[str, str] | None = None,
+    ) -> None:
+        """Record that a daemon process is alive, which models it holds and which folders it paused."""
+        ...
+
+    def mark_stopping(self, owner: str, *, now: float) -> None:
+        """Record that a daemon process was asked to stop."""
         ...
 
     def remove_instance(self, owner: str) -> None:

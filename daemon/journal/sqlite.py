@@ -78,9 +78,73 @@ MIGRATIONS: tuple[str, ...] = (
         disposed_path = replace(disposed_path, '\\', '\\\\')
         WHERE instr(rel_path || coalesce(processing_path, '') || coalesce(disposed_path, ''), '\\') > 0;
     """,
+    # 6: what the user should know about a result (a file that decoded much shorter than it declares).
+    """
+    ALTER TABLE jobs ADD COLUMN warning TEXT;
+    """,
+    # 7: when a daemon was asked to stop: a job it left running then (killed at TimeoutStopSec, or a
+    # second signal) was interrupted by an operator, not crashed by its file.
+    """
+    ALTER TABLE instances ADD COLUMN stopping_at REAL;
+    """,
+    # 8: history that does not slow the daemon down. Counts per folder and state live in a small
+    # table kept by triggers (the status line reads it every second); finished jobs are pruned
+    # after the retention, except those whose original stays in the inbox (kept, or failed in place):
+    # their row is what stops the file from being queued again. Pending disposals by finish time.
+    """
+    ALTER TABLE jobs ADD COLUMN stays INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET stays = 1 WHERE state = 'failed' AND disposed_path IS NULL;
+    CREATE TABLE job_counts (
+        folder TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (folder, state)
+    ) WITHOUT ROWID;
+    INSERT INTO job_counts SELECT folder, state, COUNT(*) FROM jobs GROUP BY folder, state;
+    CREATE TRIGGER job_counts_insert AFTER INSERT ON jobs BEGIN
+        INSERT INTO job_counts (folder, state, n) VALUES (NEW.folder, NEW.state, 1)
+            ON CONFLICT (folder, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER job_counts_delete AFTER DELETE ON jobs BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE folder = OLD.folder AND state = OLD.state;
+    END;
+    CREATE TRIGGER job_counts_update AFTER UPDATE OF state, folder ON jobs
+        WHEN OLD.state IS NOT NEW.state OR OLD.folder IS NOT NEW.folder BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE folder = OLD.folder AND state = OLD.state;
+        INSERT INTO job_counts (folder, state, n) VALUES (NEW.folder, NEW.state, 1)
+            ON CONFLICT (folder, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE INDEX jobs_finished ON jobs (finished_at) WHERE state IN ('done', 'failed') AND stays = 0;
+    """,
+    # 9: the folders a daemon has paused, and why (a full outbox, a lost share), for `whisperd status`.
+    """
+    ALTER TABLE instances ADD COLUMN paused TEXT NOT NULL DEFAULT '{}';
+    """,
+    # 10: the stage a running job is in. A process that dies while whisper decodes a file's audio
+    # may have been killed by that file; dying while it is claimed, moved or published is not its doing.
+    """
+    ALTER TABLE jobs ADD COLUMN running_stage TEXT;
+    """,
 )
 
+
+def statements(script: str) -> list[str]:
+    """Return the SQL statements of a script; a trigger's body (BEGIN … END) stays one statement."""
+    found, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip().rstrip(";").strip():
+                found.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        found.append(buffer.strip())
+    return found
+
 ACTIVE = tuple(s.value for s in JobState.active())
+# The stages in which whisperd's own process works on a file's content (ffmpeg runs apart): a death
+# there counts as a crash against the file.
+CRASH_STAGES = ("transcribe",)
 
 
 class SqliteJournal:
@@ -113,9 +177,8 @@ class SqliteJournal:
                     f"({len(MIGRATIONS)}); upgrade whisperd"
                 )
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        self._conn.execute(statement)
+                for statement in statements(script):
+                    self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version={number}")
 
     @contextmanager
@@ -183,7 +246,7 @@ class SqliteJournal:
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET state='running', owner=?, started_at=?, updated_at=?, progress=0"
+                "UPDATE jobs SET state='running', owner=?, started_at=?, updated_at=?, progress=0, running_stage=NULL"
                 " WHERE id=?",
                 (owner, now, now, row["id"]),
             )
@@ -216,22 +279,28 @@ class SqliteJournal:
         self._update(job_id, "processing_path=?, file_device=?, file_inode=?, updated_at=?",
                      (str(path), device, inode, now))
 
+    def set_stage(self, job_id: int, stage: str, *, now: float) -> None:
+        """Record which stage a running job has reached (probe, extract, transcribe, publish)."""
+        self._update(job_id, "running_stage=?, updated_at=?", (stage, now))
+
     def set_progress(self, job_id: int, fraction: float, *, now: float) -> None:
         """Record how far a running job is."""
         self._update(job_id, "progress=?, updated_at=?", (fraction, now))
 
-    def mark_published(self, job_id: int, outputs: Sequence[str], timings: dict[str, float], *, now: float) -> None:
-        """Record that outputs are durable; only the original's disposal is left."""
+    def mark_published(
+        self, job_id: int, outputs: Sequence[str], timings: dict[str, float], *, now: float, warning: str | None = None
+    ) -> None:
+        """Record that outputs are durable (and what the user should know); only the disposal is left."""
         self._update(
-            job_id, "published_at=?, outputs=?, timings=?, progress=1, updated_at=?",
-            (now, json.dumps(list(outputs)), json.dumps(timings), now),
+            job_id, "published_at=?, outputs=?, timings=?, warning=?, progress=1, updated_at=?",
+            (now, json.dumps(list(outputs)), json.dumps(timings), warning, now),
         )
 
-    def mark_done(self, job_id: int, disposed_path: str | None, *, now: float) -> None:
-        """Finish a job successfully."""
+    def mark_done(self, job_id: int, disposed_path: str | None, *, now: float, stays: bool = False) -> None:
+        """Finish a job successfully; `stays`: the original stays in the inbox (on_success: keep)."""
         self._update(
-            job_id, "state='done', disposed_path=?, finished_at=?, updated_at=?, last_error=NULL",
-            (disposed_path, now, now),
+            job_id, "state='done', disposed_path=?, finished_at=?, updated_at=?, last_error=NULL, stays=?",
+            (disposed_path, now, now, int(stays)),
         )
 
     def mark_retry(self, job_id: int, error: str, stage: str | None, *, now: float, due: float) -> None:
@@ -245,11 +314,11 @@ class SqliteJournal:
     def mark_failed(
         self, job_id: int, error: str, stage: str | None, disposed_path: str | None, *, now: float
     ) -> None:
-        """Count a failed attempt and end the job as failed."""
+        """Count a failed attempt and end the job as failed (in place, when disposed_path is None)."""
         self._update(
             job_id, "state='failed', attempts=attempts+1, last_error=?, last_stage=?, disposed_path=?,"
-            " finished_at=?, updated_at=?, progress=NULL",
-            (error, stage, disposed_path, now, now),
+            " finished_at=?, updated_at=?, progress=NULL, stays=?",
+            (error, stage, disposed_path, now, now, int(disposed_path is None)),
         )
 
     def requeue(self, job_id: int, *, now: float, crashed: bool = False, due: float | None = None) -> None:
@@ -273,17 +342,27 @@ class SqliteJournal:
         self._update(job_id, "disposed_path=?, updated_at=?", (path, now))
 
     def recover(self, is_dead: Callable[[str | None], bool], *, now: float) -> list[Job]:
-        """Return jobs left RUNNING by workers that are gone, queued again with one more crash counted."""
+        """Return jobs left RUNNING by workers that are gone, queued again.
+
+        A crash is counted against the job only when its worker died while transcribing it, and had
+        not been asked to stop (an operator's restart that ended in SIGKILL is not the file's doing).
+        The dead workers' records go.
+        """
         with self._write() as db:
             rows = db.execute("SELECT * FROM jobs WHERE state='running'").fetchall()
-            stale = [r["id"] for r in rows if is_dead(r["owner"])]
-            for job_id in stale:
+            stale = [r for r in rows if is_dead(r["owner"])]
+            for row in stale:
+                stopping = db.execute("SELECT 1 FROM instances WHERE owner=? AND stopping_at IS NOT NULL",
+                                      (row["owner"],)).fetchone()
+                crashed = row["running_stage"] in CRASH_STAGES and not stopping
                 db.execute(
-                    "UPDATE jobs SET state='queued', owner=NULL, progress=NULL, next_attempt_at=?,"
-                    " updated_at=?, crashes=crashes+1 WHERE id=?",
-                    (now, now, job_id),
+                    "UPDATE jobs SET state='queued', owner=NULL, progress=NULL, running_stage=NULL,"
+                    " next_attempt_at=?, updated_at=?, crashes=crashes+? WHERE id=?",
+                    (now, now, int(crashed), row["id"]),
                 )
-            recovered = [db.execute("SELECT * FROM jobs WHERE id=?", (i,)).fetchone() for i in stale]
+            for owner in {r["owner"] for r in stale if r["owner"]}:
+                db.execute("DELETE FROM instances WHERE owner=?", (owner,))
+            recovered = [db.execute("SELECT * FROM jobs WHERE id=?", (r["id"],)).fetchone() for r in stale]
         return [self._job(r) for r in recovered]
 
     def requeue_failed(self, job_id: int, *, now: float) -> bool:
@@ -306,13 +385,27 @@ class SqliteJournal:
             return False  # the file is already queued again (it was moved back by hand)
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Return the number of jobs per folder and state."""
+        """Return the number of jobs per folder and state (from the counts table: no scan of the jobs)."""
         counts: dict[str, dict[str, int]] = {}
-        for row in self._read("SELECT folder, state, COUNT(*) AS n FROM jobs GROUP BY folder, state"):
+        for row in self._read("SELECT folder, state, n FROM job_counts WHERE n > 0"):
             counts.setdefault(row["folder"], {})[row["state"]] = int(row["n"])
         return counts
 
-    def next_due_at(self, folders: Collection[str]) -> float | None:
+    def prune(self, *, before: float, batch: int = 5000) -> int:
+        """Delete finished jobs that ended before `before`, except those whose original stays in the
+        inbox; return how many. In batches: a long delete must not hold the write lock for seconds."""
+        total = 0
+        while True:
+            with self._write() as db:
+                deleted = db.execute(
+                    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN ('done', 'failed')"
+                    " AND stays = 0 AND finished_at < ? LIMIT ?)", (before, batch),
+                ).rowcount
+            total += deleted
+            if deleted < batch:
+                return total
+
+    def next_due_at(self, folders: Collection[str]) -> float | None:  # uses the jobs_due index
         """Return when the earliest waiting job of these folders is due, or None."""
         if not folders:
             return None
@@ -325,15 +418,23 @@ class SqliteJournal:
         value = rows[0][0] if rows else None
         return float(value) if value is not None else None
 
-    def beat_instance(self, owner: str, *, now: float, started_at: float, models: Sequence[str]) -> None:
-        """Record that a daemon process is alive, and which models it holds."""
+    def beat_instance(
+        self, owner: str, *, now: float, started_at: float, models: Sequence[str],
+        paused: Mapping[str, str] | None = None,
+    ) -> None:
+        """Record that a daemon process is alive, which models it holds and which folders it paused."""
         with self._write() as db:
             db.execute(
-                "INSERT INTO instances (owner, started_at, beat_at, models) VALUES (?, ?, ?, ?)"
+                "INSERT INTO instances (owner, started_at, beat_at, models, paused) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (owner) DO UPDATE SET beat_at=excluded.beat_at, models=excluded.models,"
-                " started_at=excluded.started_at",
-                (owner, started_at, now, json.dumps(list(models))),
+                " started_at=excluded.started_at, paused=excluded.paused",
+                (owner, started_at, now, json.dumps(list(models)), json.dumps(dict(paused or {}))),
             )
+
+    def mark_stopping(self, owner: str, *, now: float) -> None:
+        """Record that a daemon process was asked to stop."""
+        with self._write() as db:
+            db.execute("UPDATE instances SET stopping_at=? WHERE owner=?", (now, owner))
 
     def remove_instance(self, owner: str) -> None:
         """Forget a daemon process that stopped cleanly."""
@@ -343,7 +444,8 @@ class SqliteJournal:
     def instances(self) -> list[Instance]:
         """Return the daemon processes that reported themselves, most recent beat first."""
         rows = self._read("SELECT * FROM instances ORDER BY beat_at DESC")
-        return [Instance(r["owner"], r["started_at"], r["beat_at"], tuple(json.loads(r["models"]))) for r in rows]
+        return [Instance(r["owner"], r["started_at"], r["beat_at"], tuple(json.loads(r["models"])), r["stopping_at"],
+                         json.loads(r["paused"])) for r in rows]
 
     def close(self) -> None:
         """Close the connection."""

@@ -6,7 +6,10 @@ them and logs one event per stage. The CLI and the daemon's worker both call `pr
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,9 +18,10 @@ import structlog
 from daemon import names
 from daemon.config import Rule, Settings
 from daemon.control import JobControl
-from daemon.errors import JobError
+from daemon.crashpoints import crash_point
+from daemon.errors import FileChanged, JobError
 from daemon.fsutil import Place
-from daemon.pipeline.extract import Audio, extract
+from daemon.pipeline.extract import Audio, SampleFile, extract
 from daemon.pipeline.probe import AudioStream, MediaInfo, probe, select_stream
 from daemon.pipeline.publish import publish
 from daemon.pipeline.source import Source, open_path
@@ -36,6 +40,7 @@ class FileResult:
     transcript: Transcript
     outputs: tuple[Path, ...]
     timings: dict[str, float] = field(default_factory=dict)  # stage → seconds
+    warning: str | None = None  # something the user should know about the result (a short decode)
 
 
 def _checked(progress: Progress | None, control: JobControl | None) -> Progress | None:
@@ -61,16 +66,21 @@ def process_file(
     stem: str | None = None,
     progress: Progress | None = None,
     control: JobControl | None = None,
+    work_dir: Path | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> FileResult:
     """Return the result of running the whole pipeline on one file; outputs go to target_dir.
 
     `source` is a file already opened (the worker's, checked) or a path to open (the command line).
+    The decoded audio is kept in `work_dir` (a temporary folder by default), removed at the end.
     Raises MediaError (permanent) or TransientError (retry later) with the stage filled in, and
     JobCancelled once `control` is cancelled (tools are killed; whisper stops between windows).
     """
     opened = open_path(source) if isinstance(source, Path) else source
+    work = work_dir if work_dir is not None else Path(tempfile.mkdtemp(prefix="whisperd-"))
     try:
-        return _run_stages(opened, rule, engine, settings, target_dir, stem, progress, control)
+        return _run_stages(opened, rule, engine, settings, target_dir, stem, progress, control, work,
+                           on_stage or (lambda _stage: None))
     except JobError as err:
         if err.path is None:
             err.path = opened.display  # stages deeper down (publish, transcribe) do not know the file
@@ -78,6 +88,7 @@ def process_file(
     finally:
         if opened is not source:
             opened.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _run_stages(
@@ -89,11 +100,14 @@ def _run_stages(
     stem: str | None,
     progress: Progress | None,
     control: JobControl | None,
+    work_dir: Path,
+    on_stage: Callable[[str], None],
 ) -> FileResult:
     stem = stem if stem is not None else source.display.stem
     timings: dict[str, float] = {}
     bound = log.bind(file=str(source.display))
 
+    on_stage("probe")
     started = time.monotonic()
     media = probe(source, timeout_s=settings.probe_timeout, control=control)
     stream = select_stream(media, rule)
@@ -101,23 +115,42 @@ def _run_stages(
     bound.debug("probed", stage="probe", format=media.format_name, duration_s=media.duration_s,
                 audio_streams=len(media.audio_streams), stream=stream.index, track_language=stream.language)
 
+    on_stage("extract")
     started = time.monotonic()
-    audio: Audio = extract(media, stream, timeout_s=settings.extract_timeout, control=control)
+    audio: Audio = extract(media, stream, work_dir=work_dir, timeout_s=settings.extract_timeout, control=control,
+                           max_duration_s=rule.max_duration)
     timings["extract"] = time.monotonic() - started
     bound.debug("extracted", stage="extract", duration_s=round(timings["extract"], 3),
                 audio_s=round(audio.duration_s, 3), offset_s=audio.offset_s)
+    crash_point("extracted")
+    if audio.warning:
+        bound.warning("audio_warning", stage="extract", warning=audio.warning)
+    _still_the_same(source)
 
+    on_stage("transcribe")
     started = time.monotonic()
-    transcript = engine.transcribe(audio, rule, _checked(progress, control))
+    try:
+        transcript = engine.transcribe(audio, rule, _checked(progress, control))
+    finally:
+        if isinstance(audio.samples, SampleFile):
+            audio.samples.close()
     timings["transcribe"] = time.monotonic() - started
     bound.info("transcribed", stage="transcribe", model=rule.model, task=rule.task,
                language=transcript.language, segments=len(transcript.segments),
                duration_s=round(timings["transcribe"], 3), audio_s=round(audio.duration_s, 3),
                rtf=round(timings["transcribe"] / audio.duration_s, 4) if audio.duration_s else None)
 
+    _still_the_same(source)  # never publish the transcript of a file that went on growing
+    on_stage("publish")
     started = time.monotonic()
     outputs = publish(transcript, rule, target_dir, stem)
     timings["publish"] = time.monotonic() - started
     bound.debug("published", stage="publish", outputs=[names.escape(str(p)) for p in outputs],
                 duration_s=round(timings["publish"], 3))
-    return FileResult(source.display, media, stream, transcript, outputs, timings)
+    return FileResult(source.display, media, stream, transcript, outputs, timings, audio.warning)
+
+
+def _still_the_same(source: Source) -> None:
+    """Raise FileChanged when the original changed since it was opened (its writer went on)."""
+    if source.changed():
+        raise FileChanged(f"{source.display} changed while it was processed: it is still being written")

@@ -6,14 +6,16 @@ same result and layout options; only the file handling differs (temp name, fsync
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 from whisper.utils import WriteJSON, WriteSRT, WriteTSV, WriteTXT, WriteVTT
 
 from daemon.config import Rule
+from daemon.crashpoints import crash_point
 from daemon.errors import TransientError
-from daemon.fsutil import Place, atomic_write_text
+from daemon.fsutil import Place, atomic_write_text, unlink
 from daemon.pipeline.transcribe import Transcript
 
 STAGE = "publish"
@@ -61,7 +63,11 @@ def publish(transcript: Transcript, rule: Rule, target_dir: Path | Place, stem: 
 
             atomic_write_text(target, write)
             written.append(target.path)
+            crash_point("output")
     except OSError as err:
+        for path in written:  # all or nothing: a full disk must not leave half a set of outputs
+            with contextlib.suppress(OSError):
+                unlink(_target(target_dir, path.name))
         where = target_dir.display if isinstance(target_dir, Place) else target_dir
         raise TransientError(f"cannot write outputs to {where}: {err.strerror or err}", stage=STAGE) from err
     return tuple(written)

@@ -41,6 +41,11 @@ class Source:
             raise MediaError("not a regular file", path=display, stage="probe")
         return cls(fd, display, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
 
+    def changed(self) -> bool:
+        """Return True when the file is no longer the size or mtime it had when it was opened."""
+        st = os.fstat(self.fd)
+        return (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns)
+
     def close(self) -> None:
         """Close the descriptor (once)."""
         with contextlib.suppress(OSError):  # already closed

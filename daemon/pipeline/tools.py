@@ -58,13 +58,14 @@ def run_on_file(
     timeout_s: float,
     control: JobControl | None,
     reason: Callable[[ToolError], str],
+    limits: proc.Limits = TOOL_LIMITS,
 ) -> proc.Completed:
     """Return the tool's output; raise TransientError or MediaError (reason(err)) naming file and stage.
 
-    The tool inherits the source's descriptor and runs under TOOL_LIMITS.
+    The tool inherits the source's descriptor and runs under `limits`.
     """
     try:
-        return proc.run(argv, timeout_s=timeout_s, control=control, limits=TOOL_LIMITS, pass_fds=(source.fd,))
+        return proc.run(argv, timeout_s=timeout_s, control=control, limits=limits, pass_fds=(source.fd,))
     except ToolError as err:  # ToolTimeout included: it is abnormal
         if err.abnormal:
             raise TransientError.from_tool(str(err), err, path=source.display, stage=stage) from err

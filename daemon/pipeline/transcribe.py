@@ -17,7 +17,8 @@ from daemon.config import Rule
 from daemon.errors import GpuFault, TransientError
 from daemon.languages import language_from_tag
 from daemon.models import ModelRegistry
-from daemon.pipeline.extract import SAMPLE_RATE, Audio
+from daemon.pipeline.extract import Audio
+from daemon.pipeline.mel import LazyMel, transcribe_patch
 from daemon.pipeline.silence import speech_spans
 
 STAGE = "transcribe"
@@ -162,19 +163,17 @@ class _ProgressBar:
             _ProgressBar.current(min(self.done / self.total, 1.0))
 
 
-def detect_language(model: Any, audio: Audio, *, start_s: float, fp16: bool) -> str:
+def detect_language(model: Any, mel: LazyMel, *, start_s: float, fp16: bool) -> str:
     """Return the language whisper detects in the 30 s of audio from start_s (as transcribe does it)."""
     import torch
     import whisper
-    from whisper.audio import N_FRAMES, N_SAMPLES
+    from whisper.audio import FRAMES_PER_SECOND, N_FRAMES
 
     if not model.is_multilingual:
         return "en"
-    first = int(start_s * SAMPLE_RATE)
-    window = torch.from_numpy(audio.samples[first : first + N_SAMPLES])
-    mel = whisper.log_mel_spectrogram(window, model.dims.n_mels, padding=N_SAMPLES)[:, :N_FRAMES]
-    mel = whisper.pad_or_trim(mel, N_FRAMES).to(model.device).to(torch.float16 if fp16 else torch.float32)
-    _, probs = model.detect_language(mel)
+    first = round(start_s * FRAMES_PER_SECOND)
+    segment = whisper.pad_or_trim(mel[:, first : first + N_FRAMES], N_FRAMES)
+    _, probs = model.detect_language(segment.to(model.device).to(torch.float16 if fp16 else torch.float32))
     return str(max(probs, key=probs.get))
 
 
@@ -208,12 +207,12 @@ class WhisperEngine:
         return clips
 
     def _silent(
-        self, model: Any, audio: Audio, rule: Rule, language: str | None, progress: Progress | None
+        self, model: Any, mel: LazyMel, audio: Audio, rule: Rule, language: str | None, progress: Progress | None
     ) -> Transcript:
         """Return the empty transcript of audio that holds nothing but silence (nothing is decoded)."""
         if language is None:  # the outputs still carry a language; detect it as whisper would
             with self._lock:
-                language = detect_language(model, audio, start_s=0.0, fp16=self.registry.fp16)
+                language = detect_language(model, mel, start_s=0.0, fp16=self.registry.fp16)
         if progress is not None:
             progress(1.0)
         return Transcript(text="", language=language, segments=(), task=rule.task, model=rule.model,
@@ -226,20 +225,25 @@ class WhisperEngine:
 
         model = self.registry.get(rule.model)
         options = decode_options(rule, audio, fp16=self.registry.fp16)
+        # The spectrogram, a window at a time (whisper would compute the whole file's up front).
+        mel = LazyMel(audio.samples, model.dims.n_mels)
         clips = self._clips(audio, rule)
         if clips is None:
-            return self._silent(model, audio, rule, options["language"], progress)
+            return self._silent(model, mel, audio, rule, options["language"], progress)
         if clips:
             options["clip_timestamps"] = clips
         module = sys.modules["whisper.transcribe"]  # the module, not the function of that name
         with self._lock:
-            saved = module.tqdm
+            saved = module.tqdm, module.log_mel_spectrogram
             module.tqdm = SimpleNamespace(tqdm=_ProgressBar)  # type: ignore[attr-defined]
+            module.log_mel_spectrogram = transcribe_patch(mel)  # type: ignore[attr-defined]
             _ProgressBar.current = progress
             try:
-                if clips and options["language"] is None:
-                    # whisper detects the language on the file's first 30 s, which may be silence
-                    options["language"] = detect_language(model, audio, start_s=clips[0], fp16=self.registry.fp16)
+                if options["language"] is None:
+                    # Detected here, as whisper would, but where the speech starts (whisper listens to
+                    # the file's first 30 s, which may be silence), and on the window's spectrogram.
+                    options["language"] = detect_language(model, mel, start_s=clips[0] if clips else 0.0,
+                                                          fp16=self.registry.fp16)
                 result = whisper.transcribe(model, audio.samples, **options)
             except torch.cuda.OutOfMemoryError as err:
                 torch.cuda.empty_cache()
@@ -251,7 +255,7 @@ class WhisperEngine:
                     raise TransientError(f"GPU out of memory: {err}", stage=STAGE) from err
                 raise
             finally:
-                module.tqdm = saved  # type: ignore[attr-defined]
+                module.tqdm, module.log_mel_spectrogram = saved  # type: ignore[attr-defined]
                 _ProgressBar.current = None
         if progress is not None:
             progress(1.0)
