@@ -306,6 +306,7 @@ class Settings(_Strict):
     rescan_interval: Seconds = Field(300.0, gt=0, description="every inbox is rescanned this often, whatever the watch mode: watchers miss files")
     shutdown_grace: Seconds = Field(30.0, description="on SIGTERM, how long the current job may run on before it is handed back to the queue")
     retention: Seconds = Field(90 * 86400.0, description="finished jobs older than this leave the journal (files kept in the inbox excepted); 0 keeps them forever")
+    model_idle_unload: Seconds = Field(0.0, description="free a model's (GPU) memory after this long with nothing queued; it loads again for the next file (e.g. '10m'); 0 keeps models resident")
     min_free_space: Bytes = Field(1 << 30, description="a folder whose outbox, archive or failed folder, or the state directory, has less free space than this is paused until there is more")
 
 

@@ -94,6 +94,7 @@ class Health:
         self.check = check
         self.on_change: Callable[[], None] | None = None  # told when a folder pauses or resumes
         self._states: dict[str, _State] = {}
+        self._strikes: dict[str, int] = {}  # forced pauses in a row, per folder
         self._lock = threading.Lock()
 
     def paused(self, config: Config, now: float) -> dict[str, str]:
@@ -119,6 +120,25 @@ class Health:
         if changed and self.on_change is not None:
             self.on_change()
         return problem
+
+    def force_pause(self, folder: str, reason: str, now: float) -> None:
+        """Pause a folder for a fault a job met that the checks cannot see (a quota, a disk that filled
+        with the outputs); each such pause in a row waits twice as long before the folder is tried again."""
+        with self._lock:
+            strikes = self._strikes.get(folder, 0) + 1
+            self._strikes[folder] = strikes
+            wait = min(PAUSED_RECHECK_S * 2 ** (strikes - 1), PAUSED_RECHECK_MAX_S)
+            before = self._states.get(folder)
+            self._states[folder] = _State(reason, now + wait, wait)
+        if before is None or before.problem != reason:
+            log.warning("folder_paused", folder=folder, reason=reason, next_check_s=round(wait),
+                        consequence="its files wait, none is failed for it; it resumes by itself")
+            if self.on_change is not None:
+                self.on_change()
+
+    def worked(self, folder: str) -> None:
+        """A job of the folder got its outputs written: forget the pauses in a row."""
+        self._strikes.pop(folder, None)
 
     def retry_at(self, folder: str) -> float | None:
         """Return when a paused folder is checked next."""

@@ -46,6 +46,7 @@ STATUS_EVERY_S = 1.0  # how often systemd's STATUS= line is refreshed (sent only
 INSTANCE_BEAT_S = 15.0  # how often this process tells the journal it is alive (and its models)
 CANCEL_WAIT_S = 5.0  # after shutdown_grace, at most this long for the job to reach a safe point
 PRUNE_EVERY_S = 6 * 3600.0  # finished jobs past the retention are removed this often (and at start)
+IDLE_UNLOAD_CHECK_S = 15.0  # how often idle models are looked for (model_idle_unload)
 MODEL_LOAD_EXTENSION_S = 900  # EXTEND_TIMEOUT_USEC granted per model loaded before READY=1
 # Test-only switch: while the file named here exists, the worker loop hangs without a heartbeat,
 # the way a wedged GPU call would, so tests can watch the watchdog pings stop.
@@ -121,6 +122,8 @@ class Service:
                                max_instances=1, coalesce=True)
         self.scheduler.add_job(self._prune, "interval", seconds=PRUNE_EVERY_S, id="prune", max_instances=1,
                                coalesce=True, next_run_time=datetime.now(timezone.utc))
+        self.scheduler.add_job(self._unload_idle_models, "interval", seconds=IDLE_UNLOAD_CHECK_S, id="unload",
+                               max_instances=1, coalesce=True)
         ping_every = watchdog_interval()
         if ping_every is not None:
             # A stale heartbeat (no progress for a whole WatchdogSec) stops the pings.
@@ -183,14 +186,14 @@ class Service:
                     log.info("temp_file_removed", file=place.display, reason="left by a write that was interrupted")
 
     def _remove_stale_work(self) -> None:
-        """Remove the decoded audio of jobs that no live process runs (a crash left it)."""
+        """Remove the work folders of jobs that are over (a crash left them); active ones keep theirs."""
         root = self.config.settings.state_dir / "work"
         if not root.is_dir():
             return
         for entry in root.iterdir():
             job = self.journal.get(int(entry.name)) if entry.name.isdigit() else None
-            if job is not None and job.state == JobState.RUNNING:
-                continue  # another instance's job, running now
+            if job is not None and job.state in JobState.active():
+                continue  # another instance's running job, or a transcript kept for a retry
             shutil.rmtree(entry, ignore_errors=True)
             log.info("work_removed", path=str(entry), reason="decoded audio of a job that no longer runs")
 
@@ -287,12 +290,27 @@ class Service:
             parts.append(f"model {name} unavailable, next try in {round(self.registry.retry_in(name) or 0)} s")
         for folder, reason in self.health.reasons().items():
             parts.append(f"{folder} paused: {reason}")
+        held = self.journal.pauses()
+        if held:
+            parts.append("paused by the operator: " + ("every folder" if "*" in held else ", ".join(sorted(held))))
+        if self.config.settings.model_idle_unload > 0 and not self.registry.loaded():
+            parts.append("no model in memory (idle)")
         return " · ".join(parts)
 
     def _health_changed(self) -> None:
         """A folder paused or resumed: say so in the status line and the journal now, not at the next beat."""
         self._beat_instance()
         self._update_status()
+
+    def _unload_idle_models(self) -> None:
+        """Free idle models' memory (`model_idle_unload`) while nothing is queued or running."""
+        idle_s = self.config.settings.model_idle_unload
+        if idle_s <= 0 or self.worker.current is not None:
+            return
+        counts = self.journal.counts()
+        if any(by_state.get(state.value, 0) for by_state in counts.values() for state in JobState.active()):
+            return
+        self.registry.unload_idle(idle_s)
 
     def _prune(self) -> None:
         """Remove finished jobs older than the retention from the journal."""
@@ -310,9 +328,10 @@ class Service:
     def _beat_instance(self) -> None:
         """Tell the journal this process is alive and which models it holds (`whisperd models`)."""
         with contextlib.suppress(Exception):  # a busy journal must not break a model load or the scheduler
+            paused = self.health.reasons() if hasattr(self, "health") else {}
+            paused |= {f"model {name}": reason for name, reason in self.registry.unavailable().items()}
             self.journal.beat_instance(self.owner, now=time.time(), started_at=self.started_at,
-                                       models=self.registry.loaded(),
-                                       paused=self.health.reasons() if hasattr(self, "health") else {})
+                                       models=self.registry.loaded(), paused=paused)
 
     def _update_status(self) -> None:
         line = self.status_line()
@@ -328,6 +347,9 @@ class Service:
                       consequence="watchdog pings withheld; systemd will restart the service")
 
     def _schedule_wakeup(self, job: Job | None, due: float) -> None:
+        if due <= time.time():
+            self._wake.set()  # due already: a date job in the past would only be reported as missed
+            return
         when = datetime.fromtimestamp(due, tz=timezone.utc)
         with contextlib.suppress(Exception):  # the scheduler may already be shut down
             self.scheduler.add_job(self._wake.set, "date", run_date=when)

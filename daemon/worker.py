@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import random
+import shutil
 import stat
 import time
 import traceback
@@ -44,7 +45,7 @@ from daemon.errors import (
 from daemon.fsutil import Place
 from daemon.health import Health
 from daemon.instances import default_owner
-from daemon.journal import Job, Journal
+from daemon.journal import Job, JobState, Journal
 from daemon.pipeline import process_file
 from daemon.pipeline.source import Source
 from daemon.pipeline.transcribe import WhisperEngine
@@ -55,6 +56,8 @@ log = structlog.get_logger(__name__)
 PROGRESS_EVERY_S = 1.0  # journal writes for progress, at most this often
 CRASH_LIMIT = 3  # after this many deaths during one file, one isolated attempt; one more and it is set aside
 MODEL_RETRY_S = 30.0  # when a model failed to load but the registry gave no retry time
+# Write errors that say something about where whisperd writes, not about the file being processed.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class Worker:
@@ -93,7 +96,11 @@ class Worker:
         config = self.config()
         now = self.clock() if now is None else now
         paused = self.health.paused(config, now)
-        job = self.journal.claim([name for name in config.folders if name not in paused], now=now, owner=self.owner)
+        held = self.journal.pauses()  # an operator's `whisperd pause`
+        if "*" in held:
+            return None
+        folders = [name for name in config.folders if name not in paused and name not in held]
+        job = self.journal.claim(folders, now=now, owner=self.owner)
         if job is None:
             return None
         crash_point("claimed")
@@ -186,7 +193,9 @@ class Worker:
                     on_stage=lambda stage: self.journal.set_stage(job.id, stage, now=self.clock()),
                 )  # fmt: skip
                 self.journal.mark_published(job.id, [names.escape(str(p)) for p in result.outputs],
-                                            result.timings, now=self.clock(), warning=result.warning)
+                                            result.timings, now=self.clock(), warning=result.warning,
+                                            audio_s=result.transcript.audio_duration_s)
+                self.health.worked(job.folder)
                 crash_point("published")
                 audio_s = result.transcript.audio_duration_s
                 total = sum(result.timings.values())
@@ -251,13 +260,24 @@ class Worker:
         finally:
             if taken is not None:
                 taken.source.close()
+            ended = self.journal.get(job.id)
+            if ended is None or ended.state not in JobState.active():
+                # A transcript kept for a retry of the publish is of no use once the job is over.
+                shutil.rmtree(work_dir(config.settings.state_dir, job.id), ignore_errors=True)
 
     def _postponed_by_environment(self, config: Config, job: Job, err: Exception) -> bool:
         """Return True when the environment explains a failure (the folder is now paused): the job then
         waits, queued, with no attempt counted."""
         if not isinstance(err, (TransientError, OSError)) or job.folder not in config.folders:
             return False
-        problem = self.health.recheck(config, job.folder, self.clock())
+        cause = err if isinstance(err, OSError) else err.__cause__
+        problem: str | None
+        if isinstance(cause, OSError) and cause.errno in ENVIRONMENT_ERRNOS:
+            # Seen by the job, not by the checks (a quota, a disk the outputs filled): pause all the same.
+            problem = f"{cause.strerror or cause} ({_reason(err)})"
+            self.health.force_pause(job.folder, problem, self.clock())
+        else:
+            problem = self.health.recheck(config, job.folder, self.clock())
         if problem is None:
             return False
         due = self.health.retry_at(job.folder) or self.clock() + MODEL_RETRY_S

@@ -187,3 +187,45 @@ def test_a_set_of_outputs_is_written_whole_or_not_at_all(
         process_file(media_set.speech_wav, fast_rule(output_formats=["txt", "srt"]), engine, Settings(),
                      target_dir=out)
     assert sorted(p.name for p in out.iterdir()) == ["speech.srt"] and not any((out / "speech.srt").iterdir())
+
+
+def test_a_full_outbox_pauses_the_folder_and_the_transcript_is_not_made_twice(
+    tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
+) -> None:
+    """ENOSPC while publishing (a disk the checks saw as fine): the folder pauses, no attempt counted; once
+    there is room, the transcript kept from the first attempt is published, not made again."""
+    from structlog.testing import capture_logs
+
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(outbox)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        config = config_factory({"output_formats": ["txt", "srt", "json"]}, min_free_space=0)
+        folder = config.folders["media"]
+        folder.inbox.mkdir(parents=True)
+        shutil.copyfile(media_set.speech_wav, folder.inbox / "talk.wav")
+        (outbox / "filler").write_bytes(b"\0" * (64 * 1024 - 4096 * 2))  # room for a probe, not for outputs
+        clock = [10.0]
+        journal = SqliteJournal(tmp_path / "journal.sqlite3")
+        worker = Worker(lambda: config, journal, engine, owner="test:1", clock=lambda: clock[0], jitter=lambda: 1.0)
+        job_id = enqueue_file(journal, folder.inbox / "talk.wav", "talk.wav", now=0)
+        with capture_logs() as logs:
+            worker.run_once()
+        job = journal.get(job_id)
+        assert job is not None and (job.state, job.attempts) == (JobState.QUEUED, 0)
+        assert [e["event"] for e in logs if e["event"] in ("folder_paused", "job_postponed")] == [
+            "folder_paused", "job_postponed"]
+        assert [p.name for p in outbox.iterdir()] == ["filler"]  # all or nothing: no half set of outputs
+        (outbox / "filler").unlink()
+        clock[0] = job.next_attempt_at
+        with capture_logs() as logs:
+            worker.run_once()
+            worker.run_once()
+        events = [e["event"] for e in logs]
+        assert "transcript_reused" in events and "transcribed" not in events, events
+        assert journal.get(job_id).state == JobState.DONE  # type: ignore[union-attr]
+        assert sorted(p.name for p in outbox.iterdir()) == ["talk.json", "talk.srt", "talk.txt"]
+    finally:
+        subprocess.run(["umount", str(outbox)], check=False)

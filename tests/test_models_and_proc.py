@@ -86,3 +86,16 @@ def test_missing_program_is_a_tool_error() -> None:
     """A program that is not installed is reported as such."""
     with pytest.raises(ToolError, match="program not found"):
         proc.run(["no-such-program-xyz"], timeout_s=5)
+
+
+def test_an_idle_model_is_unloaded_and_loads_again_when_needed(checkpoint: Path, tmp_path: Path) -> None:
+    """`model_idle_unload`: a model unused for the idle time leaves memory; the next file loads it again."""
+    clock = [0.0]
+    registry = ModelRegistry(tmp_path, device="cpu", clock=lambda: clock[0])
+    first = registry.get(str(checkpoint))
+    clock[0] = 500
+    assert registry.unload_idle(600) == [] and registry.loaded() == [str(checkpoint)]
+    clock[0] = 700
+    assert registry.unload_idle(600) == [str(checkpoint)] and registry.loaded() == []
+    assert registry.get(str(checkpoint)) is not first
+    assert registry.loads[(str(checkpoint), "cpu")] == 2

@@ -269,3 +269,21 @@ def test_a_job_whose_original_already_reached_the_archive_is_finished(
     job = journal.get(job_id)
     assert job is not None and job.state == JobState.DONE and job.disposed_path == str(archived)
     assert [p.name for p in folder.archive.iterdir()] == ["talk.mp4"]
+
+
+def test_an_operator_pause_stops_claiming_until_resumed(
+    tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
+) -> None:
+    """`whisperd pause` (one folder, or every one) leaves queued files queued; `resume` lets them run."""
+    config = config_factory()
+    folder = config.folders["media"]
+    folder.inbox.mkdir(parents=True)
+    shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4")
+    worker, journal = _worker_setup(tmp_path, config, engine, [10.0])
+    job_id = enqueue_file(journal, folder.inbox / "talk.mp4", "talk.mp4", now=0)
+    for held in ("media", "*"):
+        assert journal.pause(held, now=5) and not journal.pause(held, now=6)
+        assert worker.run_once() is None
+        assert journal.resume(held) and not journal.resume(held)
+    assert worker.run_once() is not None
+    assert journal.get(job_id).state == JobState.DONE  # type: ignore[union-attr]

@@ -72,6 +72,7 @@ class Job:
     warning: str | None = None  # what the user should know about the result (a short decode)
     stays: int = 0  # 1 when the original stays in the inbox (kept, or failed in place): never pruned
     running_stage: str | None = None  # while running: probe, extract, transcribe or publish
+    audio_s: float | None = None  # seconds of audio transcribed (for throughput)
 
     @property
     def identity(self) -> FileIdentity:
@@ -143,7 +144,8 @@ class Journal(Protocol):
         ...
 
     def mark_published(
-        self, job_id: int, outputs: Sequence[str], timings: dict[str, float], *, now: float, warning: str | None = None
+        self, job_id: int, outputs: Sequence[str], timings: dict[str, float], *, now: float,
+        warning: str | None = None, audio_s: float | None = None,
     ) -> None:
         """Record that outputs are durable (and what the user should know); only the disposal is left."""
         ...
@@ -204,6 +206,18 @@ class Journal(Protocol):
         paused: Mapping[str, str] | None = None,
     ) -> None:
         """Record that a daemon process is alive, which models it holds and which folders it paused."""
+        ...
+
+    def pause(self, folder: str, *, now: float) -> bool:
+        """Stop claiming from a folder ('*': every folder); return False if it was paused already."""
+        ...
+
+    def resume(self, folder: str) -> bool:
+        """Claim from a folder again ('*': lift the pause of every folder); return False if it was not paused."""
+        ...
+
+    def pauses(self) -> dict[str, float]:
+        """Return the folders an operator paused ('*' for all), and since when."""
         ...
 
     def mark_stopping(self, owner: str, *, now: float) -> None:

@@ -125,6 +125,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN running_stage TEXT;
     """,
+    # 11: folders an operator paused (`whisperd pause`; '*' is every folder): no new work is claimed
+    # from them, by any instance, until `whisperd resume`. And the audio each job held, for throughput.
+    """
+    CREATE TABLE pauses (
+        folder TEXT PRIMARY KEY,
+        since REAL NOT NULL
+    );
+    ALTER TABLE jobs ADD COLUMN audio_s REAL;
+    CREATE INDEX jobs_finished_at ON jobs (finished_at);
+    """,
 )
 
 
@@ -288,12 +298,13 @@ class SqliteJournal:
         self._update(job_id, "progress=?, updated_at=?", (fraction, now))
 
     def mark_published(
-        self, job_id: int, outputs: Sequence[str], timings: dict[str, float], *, now: float, warning: str | None = None
+        self, job_id: int, outputs: Sequence[str], timings: dict[str, float], *, now: float,
+        warning: str | None = None, audio_s: float | None = None,
     ) -> None:
         """Record that outputs are durable (and what the user should know); only the disposal is left."""
         self._update(
-            job_id, "published_at=?, outputs=?, timings=?, warning=?, progress=1, updated_at=?",
-            (now, json.dumps(list(outputs)), json.dumps(timings), warning, now),
+            job_id, "published_at=?, outputs=?, timings=?, warning=?, audio_s=?, progress=1, updated_at=?",
+            (now, json.dumps(list(outputs)), json.dumps(timings), warning, audio_s, now),
         )
 
     def mark_done(self, job_id: int, disposed_path: str | None, *, now: float, stays: bool = False) -> None:
@@ -430,6 +441,20 @@ class SqliteJournal:
                 " started_at=excluded.started_at, paused=excluded.paused",
                 (owner, started_at, now, json.dumps(list(models)), json.dumps(dict(paused or {}))),
             )
+
+    def pause(self, folder: str, *, now: float) -> bool:
+        """Stop claiming from a folder ('*': every folder); return False if it was paused already."""
+        with self._write() as db:
+            return db.execute("INSERT OR IGNORE INTO pauses (folder, since) VALUES (?, ?)", (folder, now)).rowcount == 1
+
+    def resume(self, folder: str) -> bool:
+        """Claim from a folder again ('*': lift the pause of every folder); return False if it was not paused."""
+        with self._write() as db:
+            return db.execute("DELETE FROM pauses WHERE folder=?", (folder,)).rowcount == 1
+
+    def pauses(self) -> dict[str, float]:
+        """Return the folders an operator paused ('*' for all), and since when."""
+        return {r["folder"]: float(r["since"]) for r in self._read("SELECT folder, since FROM pauses")}
 
     def mark_stopping(self, owner: str, *, now: float) -> None:
         """Record that a daemon process was asked to stop."""

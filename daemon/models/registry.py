@@ -143,6 +143,7 @@ class ModelRegistry:
         self._models: dict[tuple[str, str], Whisper] = {}
         self._info: dict[tuple[str, str], LoadedModel] = {}
         self._failures: dict[str, _Failure] = {}
+        self._last_used: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
         if torch_threads:
             import torch
@@ -163,6 +164,7 @@ class ModelRegistry:
         """
         key = (name, self.device)
         with self._lock:
+            self._last_used[key] = self.clock()
             model = self._models.get(key)
             if model is not None:
                 return model
@@ -181,6 +183,32 @@ class ModelRegistry:
         if self.on_change is not None:
             self.on_change()
         return model
+
+    def unload_idle(self, idle_s: float) -> list[str]:
+        """Drop models not asked for in `idle_s` seconds, freeing their memory; return their names.
+
+        The next `get` loads them again (from model_dir's cache: a second or two).
+        """
+        with self._lock:
+            now = self.clock()
+            idle = [key for key in self._models if now - self._last_used.get(key, now) >= idle_s]
+            for key in idle:
+                del self._models[key]
+                self._info.pop(key, None)
+        if idle:
+            import gc
+
+            gc.collect()
+            if self.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()  # give the memory back to the device, for other services
+            for name, _ in idle:
+                log.info("model_unloaded", model=name, device=self.device, idle_s=round(idle_s),
+                         reason="nothing asked for it; it loads again for the next file")
+            if self.on_change is not None:
+                self.on_change()
+        return [name for name, _ in idle]
 
     def loaded(self) -> list[str]:
         """Return the names of the models now resident."""

@@ -82,6 +82,18 @@ class Transcript:
             segments.append(seg)
         return {"text": self.text, "segments": segments, "language": self.language}
 
+    def to_dict(self) -> dict[str, Any]:
+        """Return the transcript as plain data (kept between attempts, see `from_dict`)."""
+        return {**self.to_whisper_result(), "task": self.task, "model": self.model,
+                "audio_duration_s": self.audio_duration_s}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Transcript:
+        """Return the transcript `to_dict` gave."""
+        return cls(text=str(data["text"]), language=str(data["language"]),
+                   segments=tuple(_segment(raw, 0.0) for raw in data["segments"]), task=str(data["task"]),
+                   model=str(data["model"]), audio_duration_s=float(data["audio_duration_s"]))
+
 
 def _segment(raw: dict[str, Any], offset: float) -> Segment:
     words = None
