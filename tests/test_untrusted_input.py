@@ -10,13 +10,14 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pytest
 from conftest import MediaSet, enqueue_file
 
 from daemon import fsutil, names, proc
-from daemon.config import Config, Rule, Settings
+from daemon.config import Config, Folder, Rule, Settings
 from daemon.errors import MediaError, UnsafePath
 from daemon.fsutil import Place
 from daemon.journal import JobState
@@ -141,33 +142,54 @@ def test_a_subfolder_swapped_for_a_link_after_queueing_is_not_followed(
     assert not folder.outbox.exists() and not (folder.archive or tmp_path).exists()
 
 
-def test_a_link_planted_during_a_retry_wait_is_refused(
-    tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
-) -> None:
-    """With the processing area in the share, a link swapped in for the waiting original goes to failed/ unread."""
+@dataclass
+class Waiting:
+    """A job whose original waits in a processing area inside the share, between two attempts."""
+
+    worker: Worker
+    journal: SqliteJournal
+    folder: Folder
+    job_id: int
+    original: Path  # where it waits
+    resume: Callable[[], None]  # make the next attempt due, with a config that lets it succeed
+
+
+def _waiting(tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media: Path) -> Waiting:
+    """Return a job taken into `<inbox>/.proc` whose first attempt failed (ffmpeg past a tiny timeout)."""
     config = config_factory({"processing": str(tmp_path / "inbox" / ".proc")})
     current = [config_factory({"processing": str(tmp_path / "inbox" / ".proc")}, extract_timeout=0.001)]
     folder = config.folders["media"]
     folder.inbox.mkdir(parents=True)
-    shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4")
+    shutil.copyfile(media, folder.inbox / "talk.mp4")
     clock = [10.0]
-    worker, journal = _worker(tmp_path, lambda: current[0], engine, clock)  # the first attempt times out
+    worker, journal = _worker(tmp_path, lambda: current[0], engine, clock)
     job_id = enqueue_file(journal, folder.inbox / "talk.mp4", "talk.mp4", now=0)
     worker.run_once()
     job = journal.get(job_id)
     assert job is not None and job.state == JobState.RETRY_WAIT
-    waiting = tmp_path / "inbox" / ".proc" / str(job_id) / "talk.mp4"
+
+    def resume() -> None:
+        current[0] = config
+        clock[0] = job.next_attempt_at
+
+    return Waiting(worker, journal, folder, job_id, tmp_path / "inbox" / ".proc" / str(job_id) / "talk.mp4", resume)
+
+
+def test_a_link_planted_during_a_retry_wait_is_refused(
+    tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
+) -> None:
+    """With the processing area in the share, a link swapped in for the waiting original goes to failed/ unread."""
+    waiting = _waiting(tmp_path, config_factory, engine, media_set.speech_mp4)
     secret = tmp_path / "secret.wav"
     shutil.copyfile(media_set.speech_wav, secret)
-    waiting.unlink()
-    waiting.symlink_to(secret)
-    current[0] = config
-    clock[0] = job.next_attempt_at
-    worker.run_once()
-    job = journal.get(job_id)
+    waiting.original.unlink()
+    waiting.original.symlink_to(secret)
+    waiting.resume()
+    waiting.worker.run_once()
+    job = waiting.journal.get(waiting.job_id)
     assert job is not None and job.state == JobState.FAILED
     assert "symbolic link was found in the processing area" in (job.last_error or "")
-    assert (folder.failed / "talk.mp4").is_symlink() and _outputs(folder.outbox) == []
+    assert (waiting.folder.failed / "talk.mp4").is_symlink() and _outputs(waiting.folder.outbox) == []
     assert secret.read_bytes() == media_set.speech_wav.read_bytes()
 
 
@@ -175,24 +197,13 @@ def test_a_different_file_planted_in_the_processing_area_is_refused(
     tmp_path: Path, config_factory: Callable[..., Config], engine: WhisperEngine, media_set: MediaSet
 ) -> None:
     """A regular file swapped in for the waiting original (another inode) is not transcribed."""
-    config = config_factory({"processing": str(tmp_path / "inbox" / ".proc")})
-    current = [config_factory({"processing": str(tmp_path / "inbox" / ".proc")}, extract_timeout=0.001)]
-    folder = config.folders["media"]
-    folder.inbox.mkdir(parents=True)
-    shutil.copyfile(media_set.speech_mp4, folder.inbox / "talk.mp4")
-    clock = [10.0]
-    worker, journal = _worker(tmp_path, lambda: current[0], engine, clock)  # the first attempt times out
-    job_id = enqueue_file(journal, folder.inbox / "talk.mp4", "talk.mp4", now=0)
-    worker.run_once()
-    waiting = tmp_path / "inbox" / ".proc" / str(job_id) / "talk.mp4"
-    waiting.unlink()
-    shutil.copyfile(media_set.speech_mp3, waiting)
-    current[0] = config
-    job = journal.get(job_id)
-    assert job is not None
-    clock[0] = job.next_attempt_at
-    worker.run_once()
-    job = journal.get(job_id)
+    waiting = _waiting(tmp_path, config_factory, engine, media_set.speech_mp4)
+    waiting.original.unlink()
+    shutil.copyfile(media_set.speech_mp3, waiting.original)
+    waiting.resume()
+    waiting.worker.run_once()
+    job = waiting.journal.get(waiting.job_id)
+    folder = waiting.folder
     assert job is not None and job.state == JobState.FAILED
     assert "another file was found in the processing area" in (job.last_error or "")
     assert _outputs(folder.outbox) == []
