@@ -43,7 +43,8 @@ TICK_S = 0.25  # how often settled files are handed from the watchers to the jou
 IDLE_POLL_S = 2.0  # an idle worker looks at the journal at least this often (other instances)
 HEARTBEAT_IDLE_S = 0.25  # an idle worker still beats this often
 STATUS_EVERY_S = 1.0  # how often systemd's STATUS= line is refreshed (sent only when it changed)
-INSTANCE_BEAT_S = 15.0  # how often this process tells the journal it is alive (and its models)
+INSTANCE_BEAT_S = 5.0  # how often this process tells the journal it is alive (and its models)
+WORKER_STALE_S = 120.0  # a worker without a heartbeat this long is not responding (no beat is recorded)
 CANCEL_WAIT_S = 5.0  # after shutdown_grace, at most this long for the job to reach a safe point
 PRUNE_EVERY_S = 6 * 3600.0  # finished jobs past the retention are removed this often (and at start)
 IDLE_UNLOAD_CHECK_S = 15.0  # how often idle models are looked for (model_idle_unload)
@@ -326,7 +327,12 @@ class Service:
             log.info("journal_pruned", jobs=removed, older_than_days=round(retention / 86400, 1))
 
     def _beat_instance(self) -> None:
-        """Tell the journal this process is alive and which models it holds (`whisperd models`)."""
+        """Tell the journal this process is alive and which models it holds (`whisperd models`).
+
+        Only while the worker beats too: a process whose worker hangs is "not responding" in status.
+        """
+        if hasattr(self, "worker") and time.monotonic() - self.worker.control.last_beat > WORKER_STALE_S:
+            return
         with contextlib.suppress(Exception):  # a busy journal must not break a model load or the scheduler
             paused = self.health.reasons() if hasattr(self, "health") else {}
             paused |= {f"model {name}": reason for name, reason in self.registry.unavailable().items()}

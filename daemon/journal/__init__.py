@@ -125,8 +125,14 @@ class Journal(Protocol):
         """Return one job by id."""
         ...
 
-    def jobs(self, states: Collection[JobState] | None = None) -> list[Job]:
-        """Return jobs, optionally only those in the given states, oldest first."""
+    def jobs(
+        self, states: Collection[JobState] | None = None, *, limit: int | None = None, newest_first: bool = False
+    ) -> list[Job]:
+        """Return jobs, optionally only those in the given states, oldest first (or newest, and at most limit)."""
+        ...
+
+    def finished_since(self, since: float) -> list[Job]:
+        """Return the jobs that ended (done or failed) at or after `since`, oldest first."""
         ...
 
     def set_processing(

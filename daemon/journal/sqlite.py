@@ -268,14 +268,23 @@ class SqliteJournal:
         rows = self._read("SELECT * FROM jobs WHERE id=?", (job_id,))
         return self._job(rows[0]) if rows else None
 
-    def jobs(self, states: Collection[JobState] | None = None) -> list[Job]:
-        """Return jobs, optionally only those in the given states, oldest first."""
-        if states is None:
-            rows = self._read("SELECT * FROM jobs ORDER BY id")
-        else:
-            values = [JobState(s).value for s in states]
-            marks = ",".join("?" * len(values))
-            rows = self._read(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", values)
+    def jobs(
+        self, states: Collection[JobState] | None = None, *, limit: int | None = None, newest_first: bool = False
+    ) -> list[Job]:
+        """Return jobs, optionally only those in the given states, oldest first (or newest, and at most limit)."""
+        where, params = "", []
+        if states is not None:
+            params = [JobState(s).value for s in states]
+            where = f"WHERE state IN ({','.join('?' * len(params))})"
+        order = "DESC" if newest_first else ""
+        tail = f" LIMIT {int(limit)}" if limit is not None else ""
+        rows = self._read(f"SELECT * FROM jobs {where} ORDER BY id {order}{tail}", params)
+        return [self._job(r) for r in rows]
+
+    def finished_since(self, since: float) -> list[Job]:
+        """Return the jobs that ended (done or failed) at or after `since`, oldest first."""
+        rows = self._read("SELECT * FROM jobs WHERE finished_at >= ? AND state IN ('done', 'failed')"
+                          " ORDER BY finished_at", (since,))
         return [self._job(r) for r in rows]
 
     def _update(self, job_id: int, sql: str, params: Sequence[Any]) -> None:
