@@ -320,3 +320,27 @@ def audio_file(path: Path, audio: Path) -> Path:
         raise ValueError(f"unsupported audio suffix {path.suffix!r}") from None
     _run([*_FFMPEG, "-i", str(audio), "-map", "0:a:0", "-vn", *codec, str(path)])
     return path
+
+
+def joined_with_silence(path: Path, parts: list[Path], *, gap_s: float = 4.0) -> tuple[Path, list[float]]:
+    """Return ``path`` after writing ``parts`` one after another with ``gap_s`` of silence between them
+    (mono 16 kHz WAV), and the second at which each part starts."""
+    path = _prepare(path)
+    inputs: list[str] = []
+    chain: list[str] = []
+    starts: list[float] = []
+    at = 0.0
+    for n, part in enumerate(parts):
+        inputs += ["-i", str(part)]
+        chain.append(f"[{n}]aresample=16000,aformat=channel_layouts=mono[p{n}]")
+        starts.append(round(at, 3))
+        at += media_duration(part) + gap_s
+    silence = len(parts)
+    inputs += ["-f", "lavfi", "-t", str(gap_s), "-i", "anullsrc=r=16000:cl=mono"]
+    gaps = len(parts) - 1
+    chain.append(f"[{silence}]asplit={gaps}" + "".join(f"[g{n}]" for n in range(gaps)) if gaps > 1
+                 else f"[{silence}]anull[g0]")
+    order = "".join(f"[p{n}]" + (f"[g{n}]" if n < gaps else "") for n in range(len(parts)))
+    chain.append(f"{order}concat=n={len(parts) + gaps}:v=0:a=1")
+    _run([*_FFMPEG, *inputs, "-filter_complex", ";".join(chain), "-c:a", "pcm_s16le", str(path)])
+    return path, starts

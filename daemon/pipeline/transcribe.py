@@ -193,9 +193,12 @@ class WhisperEngine:
     """Runs whisper's transcribe on resident models, one call at a time."""
 
     def __init__(self, registry: ModelRegistry) -> None:
+        from daemon.pipeline.batched import BatchedEngine
+
         self.registry = registry
         # One decode at a time: a GPU runs one model's work well, and the progress hook is global.
         self._lock = threading.Lock()
+        self.batched = BatchedEngine(registry, lock=self._lock)
 
     @staticmethod
     def _clips(audio: Audio, rule: Rule) -> list[float] | None:
@@ -235,6 +238,10 @@ class WhisperEngine:
         import torch
         import whisper
 
+        from daemon.pipeline.batched import uses_batched
+
+        if uses_batched(rule):
+            return self.batched.transcribe(audio, rule, progress)
         model = self.registry.get(rule.model)
         options = decode_options(rule, audio, fp16=self.registry.fp16)
         # The spectrogram, a window at a time (whisper would compute the whole file's up front).

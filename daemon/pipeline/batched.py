@@ -1,0 +1,349 @@
+"""The batched engine: 30 s windows of several files decoded together, with whisper's own model code.
+
+whisper's `transcribe()` decodes one window at a time, each after the previous one (it needs the
+previous text as a prompt, and the previous window's last timestamp to know where the next one
+starts). Here each file's speech is first cut into windows of at most 30 s at pauses (Silero VAD:
+daemon/pipeline/vad.py), and what holds no speech is skipped. The windows of every file given are
+then decoded in batches: one encoder pass for a batch of spectrograms (`model.embed_audio`), then
+whisper's own batched greedy decoding (`whisper.decode` on the encoder output, which it reuses
+rather than encoding again). A window that fails whisper's quality checks (compression ratio,
+average log-probability) is decoded again at the next temperature, in a batch with the others that
+failed, from the same encoder output. Segment and word timestamps are placed on each file's own
+timeline; the no-speech guard applies per window.
+
+Differences from the sequential engine, by design: windows do not see the previous window's text
+(no `condition_on_previous_text`; the initial prompt primes every window), beam search is left to
+the sequential engine (openai-whisper's batched beam search is broken in 20250625), and so is
+`hallucination_silence_threshold`. `Rule.engine: auto` picks this engine when none of those is
+asked for.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from daemon.config import Rule
+from daemon.errors import GpuFault, TransientError
+from daemon.languages import language_from_tag
+from daemon.models import ModelRegistry
+from daemon.pipeline.extract import Audio
+from daemon.pipeline.mel import LazyMel
+from daemon.pipeline.transcribe import (
+    STAGE,
+    Progress,
+    Segment,
+    Transcript,
+    Word,
+    is_cuda_fault,
+)
+from daemon.pipeline.vad import Window, speech_windows
+
+if TYPE_CHECKING:
+    import torch
+
+FRAMES_PER_SECOND = 100
+BATCH_CPU = 8  # windows per batch on a CPU (the decoder's per-token work amortises; memory is small)
+BATCH_CUDA = 32  # windows per batch on a GPU (fp16 base … large-v3 fit easily at 30 s each)
+
+
+def can_batch(rule: Rule) -> bool:
+    """Return True when a rule's decoding can run on the batched engine."""
+    return (rule.beam_size is None and not rule.condition_on_previous_text
+            and rule.hallucination_silence_threshold is None)
+
+
+def uses_batched(rule: Rule) -> bool:
+    """Return True when a rule is decoded by the batched engine (`engine: auto` decides by can_batch)."""
+    return rule.engine == "batched" or (rule.engine == "auto" and can_batch(rule))
+
+
+@dataclass
+class _File:
+    """One file's part in a batched run."""
+
+    audio: Audio
+    rule: Rule
+    mel: LazyMel
+    windows: list[Window]
+    progress: Progress | None
+    language: str | None = None
+    done: int = 0
+    segments: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Item:
+    """One window of one file."""
+
+    file: _File
+    index: int
+    window: Window
+    first_frame: int  # where the window's spectrogram starts (10 ms frames): its time base
+    mel: torch.Tensor | None = None  # (n_mels, 3000) on the model's device, while its batch runs
+    features: torch.Tensor | None = None  # the encoder's output, kept for the retries
+    result: Any = None  # whisper's DecodingResult
+
+
+class BatchedEngine:
+    """Transcribes files by batches of windows on the resident models; one run at a time per engine."""
+
+    def __init__(
+        self, registry: ModelRegistry, batch_size: int | None = None, lock: threading.Lock | None = None
+    ) -> None:
+        self.registry = registry
+        self.batch_size = batch_size or (BATCH_CUDA if registry.device.startswith("cuda") else BATCH_CPU)
+        # One model's work at a time on the device: shared with the sequential engine.
+        self._lock = lock or threading.Lock()
+
+    def transcribe(self, audio: Audio, rule: Rule, progress: Progress | None = None) -> Transcript:
+        """Return the transcript of one file's audio (its windows still decoded in batches)."""
+        return self.transcribe_many([(audio, rule, progress)])[0]
+
+    def transcribe_many(self, items: Sequence[tuple[Audio, Rule, Progress | None]]) -> list[Transcript]:
+        """Return the transcripts of several files, their windows decoded together where the rules allow."""
+        import torch
+
+        try:
+            with self._lock:
+                return self._run(items)
+        except torch.cuda.OutOfMemoryError as err:
+            torch.cuda.empty_cache()
+            raise TransientError(f"GPU out of memory: {err}", stage=STAGE) from err
+        except RuntimeError as err:
+            if is_cuda_fault(err):
+                raise GpuFault(f"CUDA error while transcribing: {err}") from err
+            raise
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def _run(self, items: Sequence[tuple[Audio, Rule, Progress | None]]) -> list[Transcript]:
+        files = []
+        for audio, rule, progress in items:
+            model = self.registry.get(rule.model)
+            # Windows cut at pauses; what holds no speech is never decoded (whisper would invent
+            # a word or two over it, whatever its no-speech guard says).
+            windows = speech_windows(audio.samples, max_gap_s=rule.skip_silence or None)
+            files.append(_File(audio, rule, LazyMel(audio.samples, model.dims.n_mels), windows, progress))
+        # Windows of files with the same model and decoding options go into the same batches.
+        groups: dict[tuple[Any, ...], list[_File]] = {}
+        for f in files:
+            groups.setdefault(self._group_key(f.rule), []).append(f)
+        for group in groups.values():
+            self._decode_group(group)
+        transcripts = []
+        for f in files:
+            segments = [_segment(i, raw, f.audio.offset_s) for i, raw in enumerate(f.segments)]
+            if f.progress is not None:
+                f.progress(1.0)
+            transcripts.append(Transcript(
+                text="".join(s.text for s in segments).strip(), language=f.language or "en",
+                segments=tuple(segments), task=f.rule.task, model=f.rule.model,
+                audio_duration_s=f.audio.duration_s,
+            ))  # fmt: skip
+        return transcripts
+
+    @staticmethod
+    def _group_key(rule: Rule) -> tuple[Any, ...]:
+        return (rule.model, rule.task, tuple(rule.temperature), rule.best_of, rule.sample_len,
+                rule.initial_prompt, rule.word_timestamps, rule.compression_ratio_threshold,
+                rule.logprob_threshold, rule.no_speech_threshold)
+
+    def _decode_group(self, group: list[_File]) -> None:
+        import torch
+        import whisper
+
+        rule = group[0].rule
+        model = self.registry.get(rule.model)
+        dtype = torch.float16 if self.registry.fp16 else torch.float32
+        pending = [_Item(f, index, window, round(window.start * FRAMES_PER_SECOND))
+                   for f in group for index, window in enumerate(f.windows)]
+        for f in group:
+            f.language = self._given_language(model, f)
+        with torch.inference_mode():
+            for first in range(0, len(pending), self.batch_size):
+                batch = pending[first : first + self.batch_size]
+                for item in batch:  # spectrograms a batch at a time: memory stays bounded on long files
+                    stop = max(round(item.window.end * FRAMES_PER_SECOND), item.first_frame + 1)
+                    mel = whisper.pad_or_trim(item.file.mel[:, item.first_frame : stop], whisper.audio.N_FRAMES)
+                    item.mel = mel.to(model.device).to(dtype)
+                self._encode(model, batch)
+                # A file's language, when not given, is detected on its first window with speech
+                # (whisper listens to the first 30 s, which may be silence), from the encoder output.
+                firsts = [item for item in batch if item.file.language is None and item.index == 0]
+                if firsts:
+                    features = torch.stack([item.features for item in firsts])  # type: ignore[misc]
+                    for item, language in zip(firsts, _detect(model, features), strict=True):
+                        item.file.language = language
+                self._decode_with_fallback(model, rule, batch)
+                for item in batch:
+                    self._collect(model, rule, item)
+                    item.features = item.mel = None  # the batch's tensors are no longer needed
+                    item.file.done += 1
+                    if item.file.progress is not None and item.file.windows:
+                        item.file.progress(min(item.file.done / len(item.file.windows), 0.999))
+        for f in group:
+            f.segments.sort(key=lambda seg: seg["start"])
+
+    def _given_language(self, model: Any, f: _File) -> str | None:
+        """Return a file's language when the rule, the track or the model tells it (None: detect it)."""
+        import torch
+
+        chosen = f.rule.language
+        if chosen == "track":
+            chosen = language_from_tag(f.audio.stream.language) or "auto"
+        if chosen != "auto":
+            return chosen
+        if not model.is_multilingual:
+            return "en"
+        if not f.windows:  # nothing but silence: the outputs still carry a language; whisper's guess
+            with torch.inference_mode():
+                return _detect(model, self._first_mel(model, f)[None])[0]
+        return None
+
+    def _first_mel(self, model: Any, f: _File) -> torch.Tensor:
+        import torch
+        import whisper
+
+        dtype = torch.float16 if self.registry.fp16 else torch.float32
+        mel: torch.Tensor = whisper.pad_or_trim(f.mel[:, 0 : whisper.audio.N_FRAMES], whisper.audio.N_FRAMES)
+        return mel.to(model.device).to(dtype)
+
+    @staticmethod
+    def _encode(model: Any, batch: list[_Item]) -> None:
+        import torch
+
+        features = model.embed_audio(torch.stack([item.mel for item in batch]))  # type: ignore[misc]
+        for item, row in zip(batch, features, strict=True):
+            item.features = row
+
+    def _decode_with_fallback(self, model: Any, rule: Rule, batch: list[_Item]) -> None:
+        """Decode every window; those failing the quality checks again at the next temperature."""
+        import torch
+        import whisper
+
+        todo = batch
+        temperatures = list(rule.temperature)
+        for n, temperature in enumerate(temperatures):
+            by_language: dict[str, list[_Item]] = {}
+            for item in todo:
+                by_language.setdefault(item.file.language or "en", []).append(item)
+            for language, items in by_language.items():
+                options = whisper.DecodingOptions(
+                    task=rule.task, language=language, temperature=temperature,
+                    sample_len=rule.sample_len, best_of=rule.best_of if temperature > 0 else None,
+                    prompt=rule.initial_prompt, fp16=self.registry.fp16, without_timestamps=False,
+                )  # fmt: skip
+                features = torch.stack([item.features for item in items])  # type: ignore[misc]
+                results = whisper.decode(model, features, options)
+                for item, result in zip(items, results, strict=True):
+                    item.result = result
+            last = n == len(temperatures) - 1
+            todo = [item for item in todo if not last and _needs_fallback(rule, item.result)]
+            if not todo:
+                return
+
+    def _collect(self, model: Any, rule: Rule, item: _Item) -> None:
+        """Turn one window's decoded tokens into segments on the file's timeline (and word timings)."""
+        import whisper
+        from whisper.timing import add_word_timestamps
+
+        result = item.result
+        silent = rule.no_speech_threshold is not None and result.no_speech_prob > rule.no_speech_threshold
+        if silent and (rule.logprob_threshold is None or result.avg_logprob <= rule.logprob_threshold):
+            return  # whisper's no-speech guard: nothing said in this window
+        tokenizer = whisper.tokenizer.get_tokenizer(
+            model.is_multilingual, num_languages=model.num_languages, language=item.file.language, task=rule.task)
+        segments = _split(tokenizer, result, item.first_frame, item.window.end)
+        if not segments:
+            return
+        if rule.word_timestamps:
+            # whisper's own alignment; it places words after segments[0]["seek"], the window's start.
+            frames = max(round(item.window.end * FRAMES_PER_SECOND) - item.first_frame, 1)
+            add_word_timestamps(
+                segments=segments, model=model, tokenizer=tokenizer, mel=item.mel, num_frames=frames,
+                last_speech_timestamp=item.first_frame / FRAMES_PER_SECOND,
+            )
+        item.file.segments.extend(segments)
+
+
+def _detect(model: Any, batch: torch.Tensor) -> list[str]:
+    """Return the most likely language of each spectrogram or encoder output in a batch."""
+    _, probs = model.detect_language(batch)
+    return [str(max(p, key=p.get)) for p in probs]
+
+
+def _needs_fallback(rule: Rule, result: Any) -> bool:
+    """Return True when a window failed whisper's quality checks and is worth a hotter try."""
+    too_repetitive = (rule.compression_ratio_threshold is not None
+                      and result.compression_ratio > rule.compression_ratio_threshold)
+    too_unsure = rule.logprob_threshold is not None and result.avg_logprob < rule.logprob_threshold
+    silent = rule.no_speech_threshold is not None and result.no_speech_prob > rule.no_speech_threshold
+    return too_repetitive or (too_unsure and not silent)  # as whisper: a likely silence is not retried
+
+
+def _split(tokenizer: Any, result: Any, first_frame: int, window_end: float) -> list[dict[str, Any]]:
+    """Return whisper-style segment dicts for one window's tokens, times on the audio's timeline.
+
+    The tokens carry timestamps (0.02 s each, from the window's first frame): each pair of them
+    closes a segment. The last segment may lack its closing timestamp (the window was cut at a
+    pause, so whatever follows belongs to it): it ends with the window.
+    """
+    base = first_frame / FRAMES_PER_SECOND
+    tokens = [t for t in result.tokens if t < tokenizer.eot]
+    begin = tokenizer.timestamp_begin
+    segments: list[dict[str, Any]] = []
+    current: list[int] = []
+    start: float | None = None
+
+    def close(end: float) -> None:
+        text = tokenizer.decode([t for t in current if t < begin])
+        if text.strip():
+            segments.append(_raw(result, first_frame, start if start is not None else base, end, current, text))
+
+    for token in tokens:
+        if token >= begin:
+            time = round(base + (token - begin) * 0.02, 3)
+            if start is None:
+                start = time
+                current = [token]
+            else:
+                current.append(token)
+                close(min(time, window_end))
+                start, current = None, []
+        else:
+            if start is None:
+                start = base
+            current.append(token)
+    if current:
+        close(window_end)
+    return segments
+
+
+def _raw(result: Any, seek: int, start: float, end: float, tokens: list[int], text: str) -> dict[str, Any]:
+    return {
+        "seek": seek, "start": start, "end": max(end, start), "text": text, "tokens": tokens,
+        "temperature": result.temperature, "avg_logprob": result.avg_logprob,
+        "compression_ratio": _compression_ratio(text), "no_speech_prob": result.no_speech_prob,
+    }  # fmt: skip
+
+
+def _compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / max(len(zlib.compress(data)), 1)
+
+
+def _segment(index: int, raw: dict[str, Any], offset: float) -> Segment:
+    words = None
+    if "words" in raw:
+        words = tuple(Word(start=round(w["start"] + offset, 3), end=round(w["end"] + offset, 3),
+                           word=w["word"], probability=float(w["probability"])) for w in raw["words"])
+    return Segment(
+        id=index, seek=int(raw["seek"]), start=round(raw["start"] + offset, 3), end=round(raw["end"] + offset, 3),
+        text=str(raw["text"]), tokens=tuple(int(t) for t in raw["tokens"]), temperature=float(raw["temperature"]),
+        avg_logprob=float(raw["avg_logprob"]), compression_ratio=float(raw["compression_ratio"]),
+        no_speech_prob=float(raw["no_speech_prob"]), words=words,
+    )  # fmt: skip

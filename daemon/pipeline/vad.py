@@ -1,0 +1,192 @@
+"""Where the speech is: Silero VAD's model, run by whisperd's own code, and windows cut at pauses.
+
+The batched engine decodes independent windows of at most 30 s. Cutting them at pauses, not in
+the middle of a word, and skipping what holds no speech, is what keeps its transcripts as good as
+whisper's sequential decoding. Silero VAD (MIT) ships its weights in its PyPI wheel; they are
+read from the wheel's safetensors file into the small network below (the architecture of the
+wheel's own reference port), so nothing is unpickled or run as TorchScript. It is a 128-unit LSTM
+over 32 ms frames: the convolutions run on blocks of frames at once, the LSTM in one call per
+block, so a 10-hour file takes seconds and little memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from daemon.pipeline.extract import SAMPLE_RATE, Samples
+
+if TYPE_CHECKING:
+    import torch
+
+FRAME = 512  # samples per probability (32 ms at 16 kHz)
+CONTEXT = 64  # samples of the previous frame each frame also sees
+BLOCK = 4096  # frames computed at a time (about 2 minutes of audio)
+FRAME_S = FRAME / SAMPLE_RATE
+WINDOW_S = 30.0  # whisper's window
+
+
+@dataclass(frozen=True)
+class Window:
+    """A stretch of audio to decode on its own, in seconds from the first sample."""
+
+    start: float
+    end: float
+
+
+def weights_path() -> Path:
+    """Return the Silero VAD weights inside the installed `silero-vad` wheel."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("silero_vad") / "data" / "silero_vad_16k.safetensors"))
+
+
+_model: Any = None
+_lock = threading.Lock()
+
+
+def _network() -> Any:
+    """Return the VAD network with Silero's weights (built once per process)."""
+    global _model
+    with _lock:
+        if _model is None:
+            from safetensors.torch import load_file
+            from torch import nn
+
+            class SileroVad(nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.stft_conv = nn.Conv1d(1, 258, kernel_size=256, stride=128, bias=False)
+                    self.conv1 = nn.Conv1d(129, 128, kernel_size=3, padding=1)
+                    self.conv2 = nn.Conv1d(128, 64, kernel_size=3, stride=2, padding=1)
+                    self.conv3 = nn.Conv1d(64, 64, kernel_size=3, stride=2, padding=1)
+                    self.conv4 = nn.Conv1d(64, 128, kernel_size=3, padding=1)
+                    self.lstm = nn.LSTM(128, 128, batch_first=True)
+                    self.final_conv = nn.Conv1d(128, 1, 1)
+
+                def forward(self, frames: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+                    # frames: (n, CONTEXT + FRAME), consecutive; state: the LSTM's (h, c) or None
+                    x = nn.functional.pad(frames, (0, 64), mode="reflect").unsqueeze(1)
+                    x = self.stft_conv(x)
+                    x = (x[:, :129, :] ** 2 + x[:, 129:, :] ** 2).sqrt()
+                    for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+                        x = conv(x).relu()
+                    x = x.squeeze(-1)  # (n, 128): one vector per frame
+                    h, state = self.lstm(x.unsqueeze(0), state)  # the frames are the LSTM's sequence
+                    x = self.final_conv(h.squeeze(0).relu().unsqueeze(-1)).sigmoid()
+                    return x.squeeze(-1).squeeze(-1), state
+
+            raw = load_file(str(weights_path()))
+            state = {k: v for k, v in raw.items() if not k.startswith("lstm_cell.")}
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                state[f"lstm.{name}_l0"] = raw[f"lstm_cell.{name}"]
+            network = SileroVad()
+            network.load_state_dict(state, strict=True)
+            _model = network.eval()
+        return _model
+
+
+def speech_probabilities(samples: Samples) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """Return the probability of speech for every 32 ms frame of the audio."""
+    import torch
+
+    network = _network()
+    frames = -(-len(samples) // FRAME)
+    out = np.zeros(frames, dtype=np.float32)
+    state = None
+    context = np.zeros(CONTEXT, dtype=np.float32)
+    with torch.inference_mode():
+        for first in range(0, frames, BLOCK):
+            count = min(BLOCK, frames - first)
+            block = np.zeros(count * FRAME, dtype=np.float32)
+            chunk = samples[first * FRAME : (first + count) * FRAME]
+            block[: len(chunk)] = chunk
+            # Each frame with the last CONTEXT samples before it, as Silero's model expects.
+            padded = np.concatenate((context, block))
+            idx = np.arange(count)[:, None] * FRAME + np.arange(CONTEXT + FRAME)[None, :]
+            probs, state = network(torch.from_numpy(padded[idx]), state)
+            out[first : first + count] = probs.numpy()
+            context = block[-CONTEXT:]
+    return out
+
+
+def speech_windows(
+    samples: Samples,
+    *,
+    threshold: float = 0.5,
+    min_silence_s: float = 0.3,
+    min_speech_s: float = 0.25,
+    pad_s: float = 0.2,
+    window_s: float = WINDOW_S,
+    max_gap_s: float | None = None,
+) -> list[Window]:
+    """Return the windows to decode: the speech, in windows of at most `window_s` cut at pauses.
+
+    Speech starts above `threshold` and ends once the probability stays below threshold - 0.15
+    for `min_silence_s`; each stretch keeps `pad_s` of its surroundings; stretches next to one
+    another are joined into one window while it stays within `window_s` and the silence between
+    them is shorter than `max_gap_s` (whisper tends to stop at a long silence, taking what follows
+    it in the same window for nothing); a longer stretch is cut at its quietest frame in the last
+    third of the window.
+    """
+    probs = speech_probabilities(samples)
+    duration = len(samples) / SAMPLE_RATE
+    spans = _speech_spans(probs, threshold, min_silence_s, min_speech_s)
+    windows: list[Window] = []
+    current: list[float] | None = None
+    for start_f, end_f in spans:
+        start = max(start_f * FRAME_S - pad_s, 0.0)
+        end = min(end_f * FRAME_S + pad_s, duration)
+        while end - start > window_s:  # one stretch too long for a window: cut at its quietest point
+            cut = _quietest(probs, start + window_s * 2 / 3, start + window_s)
+            if current is not None:
+                windows.append(Window(current[0], current[1]))
+                current = None
+            windows.append(Window(start, cut))
+            start = cut
+        joins = current is not None and end - current[0] <= window_s
+        if joins and max_gap_s is not None and current is not None and start - current[1] >= max_gap_s:
+            joins = False
+        if joins and current is not None:
+            current[1] = end
+        else:
+            if current is not None:
+                windows.append(Window(current[0], current[1]))
+            current = [start, end]
+    if current is not None:
+        windows.append(Window(current[0], current[1]))
+    return [Window(round(w.start, 3), round(w.end, 3)) for w in windows]
+
+
+def _speech_spans(
+    probs: np.ndarray[Any, np.dtype[np.float32]], threshold: float, min_silence_s: float, min_speech_s: float
+) -> list[tuple[int, int]]:
+    """Return [start, end) frame ranges of speech, with hysteresis."""
+    low = threshold - 0.15
+    quiet_needed = max(1, round(min_silence_s / FRAME_S))
+    spans, start, quiet = [], None, 0
+    for i, p in enumerate(probs):
+        if start is None:
+            if p >= threshold:
+                start, quiet = i, 0
+        elif p < low:
+            quiet += 1
+            if quiet >= quiet_needed:
+                spans.append((start, i - quiet + 1))
+                start = None
+        else:
+            quiet = 0
+    if start is not None:
+        spans.append((start, len(probs)))
+    return [(a, b) for a, b in spans if (b - a) * FRAME_S >= min_speech_s]
+
+
+def _quietest(probs: np.ndarray[Any, np.dtype[np.float32]], from_s: float, to_s: float) -> float:
+    """Return the time of the least speech-like frame in [from_s, to_s)."""
+    a, b = int(from_s / FRAME_S), max(int(to_s / FRAME_S), int(from_s / FRAME_S) + 1)
+    segment = probs[a:b]
+    return float(a + int(np.argmin(segment))) * FRAME_S if len(segment) else to_s

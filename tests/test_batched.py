@@ -1,0 +1,182 @@
+"""The batched engine: windows cut at pauses, decoded several at a time, on real and trained models.
+
+Its promise is the sequential engine's words, faster: decoding a window in a batch gives exactly
+the tokens it gives alone (fp32), its word error rate on real speech stays within a point of
+whisper's own sequential decoding, and every time lands on its own file's timeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import media
+import pytest
+import whisper
+from conftest import SUMMARY, Pretrained
+from test_real_speech import JFK, JFK_TEXT, SPEECHBRAIN, word_error_rate
+from test_recognition import EN_VOICE, ENGLISH, FIXTURE
+from whisper.normalizers import EnglishTextNormalizer
+
+from daemon.config import Rule
+from daemon.models import ModelRegistry
+from daemon.pipeline.batched import BatchedEngine, can_batch, uses_batched
+from daemon.pipeline.extract import Audio
+from daemon.pipeline.probe import AudioStream
+from daemon.pipeline.transcribe import Transcript, WhisperEngine
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BATCHED: dict[str, Any] = {"engine": "batched", "temperature": 0, "beam_size": None,
+                           "condition_on_previous_text": False}
+STREAM = AudioStream(index=0, position=0, codec="pcm_s16le", channels=1, language=None, start_time=0.0, default=True)
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A real recording and what is said in it."""
+
+    path: Path
+    text: str
+    starts: tuple[float, ...] = (0.0,)  # where each sentence starts, for the joined recording
+
+    def audio(self) -> Audio:
+        """Return the recording decoded as the pipeline would hand it over."""
+        return Audio(samples=whisper.load_audio(str(self.path)), offset_s=0.0, stream=STREAM)
+
+
+@pytest.fixture(scope="module")
+def recordings(tmp_path_factory: pytest.TempPathFactory) -> list[Recording]:
+    """The real recordings one by one, and all three in one file with 4 s of silence between them."""
+    singles = [Recording(JFK, JFK_TEXT)] + [Recording(FIXTURES / name, text) for name, text in SPEECHBRAIN.items()]
+    path, starts = media.joined_with_silence(tmp_path_factory.mktemp("joined") / "joined.wav",
+                                             [r.path for r in singles], gap_s=4.0)
+    joined = Recording(path, " ".join(r.text for r in singles), tuple(starts))
+    return [joined, *singles]
+
+
+def rule(model: Path | str, **overrides: Any) -> Rule:
+    """Return a rule on a model, decoded by the batched engine unless overridden."""
+    return Rule.model_validate({"model": str(model), **BATCHED, **overrides})
+
+
+def tokens(transcripts: Sequence[Transcript]) -> list[list[tuple[int, ...]]]:
+    """Return each transcript's segments' tokens."""
+    return [[segment.tokens for segment in t.segments] for t in transcripts]
+
+
+def normalized_wer(pairs: Sequence[tuple[str, str]]) -> float:
+    """Return the word error rate over all (reference, hypothesis) pairs, after whisper's English normaliser."""
+    norm = EnglishTextNormalizer()
+    return word_error_rate(" ".join(norm(r) for r, _ in pairs), " ".join(norm(h) for _, h in pairs))
+
+
+def test_a_window_decoded_in_a_batch_gives_the_tokens_it_gives_alone_with_real_base(
+    base_registry: ModelRegistry, pretrained: Pretrained, recordings: list[Recording]
+) -> None:
+    """Real base, fp32: four files' six windows in one batch decode exactly as one at a time."""
+    items = [(r.audio(), rule(pretrained.base), None) for r in recordings]
+    alone = BatchedEngine(base_registry, batch_size=1).transcribe_many(items)
+    together = BatchedEngine(base_registry, batch_size=8).transcribe_many(items)
+    assert tokens(together) == tokens(alone)
+    assert [t.text for t in together] == [t.text for t in alone]
+    assert sum(len(t.segments) for t in together) >= 4  # every file said something
+    assert word_error_rate(JFK_TEXT, together[1].text) <= 0.05, together[1].text
+
+
+def test_a_window_decoded_in_a_batch_gives_the_tokens_it_gives_alone_with_the_trained_model(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    """The trained test model, fp32: the same, with held-out espeak-ng voices and a language to detect."""
+    phrases = [media.speech_wav(tmp_path / f"p{n}.wav", ENGLISH, voice=voice)
+               for n, voice in enumerate((EN_VOICE, "en-us+f3", "en+m3"))]
+    joined, _ = media.joined_with_silence(tmp_path / "joined.wav", phrases, gap_s=3.0)
+    items = [(Recording(path, ENGLISH).audio(), rule(FIXTURE, language="auto"), None) for path in [joined, *phrases]]
+    alone = BatchedEngine(registry, batch_size=1).transcribe_many(items)
+    together = BatchedEngine(registry, batch_size=4).transcribe_many(items)
+    assert tokens(together) == tokens(alone)
+    assert [t.language for t in together] == ["en"] * 4
+    assert all(ENGLISH.lower().rstrip("?") in t.text.lower() for t in together[1:]), [t.text for t in together]
+
+
+def test_batched_word_error_rate_stays_within_a_point_of_whisper_sequential_decoding(
+    base_registry: ModelRegistry, pretrained: Pretrained, recordings: list[Recording]
+) -> None:
+    """On the real recordings, batched greedy windows against whisperd's default sequential decoding
+    (beam search, conditioned on the previous text): at most 1 point of word error rate worse."""
+    engine = WhisperEngine(base_registry)
+    sequential_rule = Rule.model_validate({"model": str(pretrained.base)})  # whisperd's defaults
+    assert not uses_batched(sequential_rule)
+    sequential = [engine.transcribe(r.audio(), sequential_rule) for r in recordings]
+    batched = engine.batched.transcribe_many([(r.audio(), rule(pretrained.base), None) for r in recordings])
+    sequential_wer = normalized_wer([(r.text, t.text) for r, t in zip(recordings, sequential, strict=True)])
+    batched_wer = normalized_wer([(r.text, t.text) for r, t in zip(recordings, batched, strict=True)])
+    SUMMARY.append(f"real speech WER (base): sequential {sequential_wer:.2%}, batched {batched_wer:.2%}")
+    assert batched_wer <= sequential_wer + 0.01, ([t.text for t in sequential], [t.text for t in batched])
+
+
+def test_times_land_on_each_files_own_timeline(
+    base_registry: ModelRegistry, pretrained: Pretrained, recordings: list[Recording]
+) -> None:
+    """Segments and words of every file in a batch are timed on that file, not on the batch."""
+    joined, jfk = recordings[0], recordings[1]
+    out = BatchedEngine(base_registry).transcribe_many(
+        [(r.audio(), rule(pretrained.base, word_timestamps=True), None) for r in (joined, jfk)])
+    words = [w for s in out[0].segments for w in s.words or ()]
+    starts = {w.word.strip(" ,.").lower(): w.start for w in words}
+    # Each sentence's first word is said where its recording was placed (the 4 s gaps are skipped).
+    for first_word, placed in zip(("and", "the", "the"), joined.starts, strict=True):
+        spoken = min((w.start for w in words if w.word.strip(" ,.").lower() == first_word and w.start >= placed - 0.5),
+                     default=None)
+        assert spoken is not None and abs(spoken - placed) < 1.0, (first_word, placed, spoken)
+    assert abs(starts["birch"] - joined.starts[1]) < 1.5
+    assert abs(starts["child"] - joined.starts[2]) < 1.5
+    jfk_words = {w.word.strip(" ,.").lower(): w.start for s in out[1].segments for w in s.words or ()}
+    assert 1.2 <= jfk_words["americans"] <= 2.4, jfk_words  # as in jfk.flac alone, not after the joined file
+    # Without word timings, segment times come from the windows' timestamp tokens.
+    plain = BatchedEngine(base_registry).transcribe_many(
+        [(r.audio(), rule(pretrained.base), None) for r in (joined, jfk)])
+    for placed in joined.starts:
+        assert any(abs(s.start - placed) < 1.0 for s in plain[0].segments), (placed, plain[0].segments)
+    assert plain[1].segments[0].start < 1.0 and plain[1].segments[-1].end < 11.5
+    duration = len(joined.audio().samples) / whisper.audio.SAMPLE_RATE
+    for transcript in (*out, *plain):
+        ends = [s.end for s in transcript.segments]
+        assert all(0 <= s.start <= s.end <= duration + 0.01 for s in transcript.segments)
+        assert ends == sorted(ends)
+
+
+def test_windows_that_fail_the_quality_checks_are_decoded_again_hotter(
+    base_registry: ModelRegistry, pretrained: Pretrained, recordings: list[Recording]
+) -> None:
+    """A compression-ratio threshold no text can meet sends every window to the next temperature."""
+    jfk = recordings[1]
+    engine = BatchedEngine(base_registry)
+    cold = engine.transcribe(jfk.audio(), rule(pretrained.base, temperature=[0.0, 0.4]))
+    hot = engine.transcribe(jfk.audio(), rule(pretrained.base, temperature=[0.0, 0.4], best_of=2,
+                                              compression_ratio_threshold=0.1))
+    assert {s.temperature for s in cold.segments} == {0.0}
+    assert {s.temperature for s in hot.segments} == {0.4}
+    assert word_error_rate(JFK_TEXT, hot.text) < 0.5, hot.text  # still his sentence, sampled
+
+
+def test_silence_alone_is_not_decoded_and_gives_no_text(
+    base_registry: ModelRegistry, pretrained: Pretrained, tmp_path: Path
+) -> None:
+    """Thirty seconds of silence: no window, no invented word, and a language for the outputs."""
+    silence = media.silence_wav(tmp_path / "silence.wav", seconds=30)
+    out = BatchedEngine(base_registry).transcribe(Recording(silence, "").audio(), rule(pretrained.base))
+    assert (out.text, out.segments) == ("", ())
+    assert out.language in whisper.tokenizer.LANGUAGES
+
+
+def test_auto_picks_the_batched_engine_only_where_its_decoding_matches_the_rule() -> None:
+    """Beam search, conditioning on the previous text and the hallucination-silence guard stay sequential."""
+    assert not uses_batched(Rule())  # whisperd's defaults: beam search, conditioned
+    greedy = Rule(beam_size=None, condition_on_previous_text=False)
+    assert can_batch(greedy) and uses_batched(greedy)
+    assert not uses_batched(greedy.with_overrides({"engine": "sequential"}))
+    assert Rule(engine="batched").problems() == [
+        "engine: batched decodes greedily, each window on its own; beam_size, condition_on_previous_text "
+        "need(s) engine: sequential (or set beam_size: null, condition_on_previous_text: false)"]
