@@ -62,3 +62,41 @@ def test_cli_refuses_translate_with_turbo(tmp_path: Path, media_set: MediaSet) -
     registry = ModelRegistry(tmp_path, device="cpu")
     assert cli.cmd_transcribe(args, registry=registry) == 2
     assert not registry.loads
+
+
+# Runs `python -m daemon ARGS` and prints, last on stderr, which of torch and whisper it imported.
+_IMPORTS_CHILD = r"""
+import json, runpy, sys
+sys.argv = ["whisperd", *sys.argv[1:]]
+try:
+    runpy.run_module("daemon", run_name="__main__", alter_sys=True)
+except SystemExit as exit:
+    code = exit.code
+finally:
+    print(json.dumps(sorted(m for m in ("torch", "whisper") if m in sys.modules)), file=sys.stderr)
+"""
+
+
+def test_operator_commands_import_neither_torch_nor_whisper(tmp_path: Path, checkpoint: Path) -> None:
+    """--help, check-config, status and jobs start without torch or whisper, even for a .pt model."""
+    import json
+
+    import yaml
+
+    from daemon.journal import FileIdentity, open_journal
+
+    folder = {role: str(tmp_path / role) for role in ("inbox", "outbox", "archive", "failed")}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"), "defaults": {"model": "base"},
+        "folders": [{"name": "media", **folder, "rules": [{"match": "*.wav", "model": str(checkpoint)}]}],
+    }))  # fmt: skip
+    journal = open_journal(tmp_path / "state")
+    journal.enqueue(FileIdentity("media", "talk.wav", 1, 1), priority=0, now=0.0, skip_if_done=False)
+    journal.close()
+    for argv in (["--help"], ["transcribe", "--help"], ["check-config", str(config)],
+                 ["status", "--config", str(config)], ["jobs", "--config", str(config)]):
+        proc = subprocess.run([sys.executable, "-c", _IMPORTS_CHILD, *argv],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert json.loads(proc.stderr.splitlines()[-1]) == [], (argv, proc.stderr)
+        assert proc.stdout, argv  # the command did its work

@@ -57,11 +57,17 @@ def is_path_setting(setting: str) -> bool:
     return setting.endswith(".pt") or "/" in setting
 
 
+# whisper.available_models() (whisper 20250625), copied so that validating a config imports neither
+# whisper nor torch; tests/test_languages.py checks the copy against the installed whisper.
+NAMED_MODELS = (
+    "tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
+    "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo",
+)  # fmt: skip
+
+
 def named_models() -> list[str]:
     """Return the OpenAI model names whisper knows."""
-    import whisper
-
-    return list(whisper.available_models())
+    return list(NAMED_MODELS)
 
 
 def identify(setting: str) -> ModelSource:
@@ -131,9 +137,13 @@ def _path_facts(path_text: str, kind: Kind, _size: int, _mtime_ns: int) -> Model
         vocab = int(config["vocab_size"])
         layers = (int(config["encoder_layers"]), int(config["decoder_layers"]))
     else:
-        import torch
+        from daemon.models.ptdims import read_dims
 
-        dims = torch.load(path, map_location="meta", weights_only=True, mmap=True)["dims"]
+        dims = read_dims(path)  # without importing torch: config checks must start fast
+        if dims is None:
+            import torch
+
+            dims = torch.load(path, map_location="meta", weights_only=True, mmap=True)["dims"]
         vocab = int(dims["n_vocab"])
         layers = (int(dims["n_audio_layer"]), int(dims["n_text_layer"]))
     return ModelFacts(multilingual=vocab >= MULTILINGUAL_VOCAB, translates=layers != TURBO_LAYERS)
