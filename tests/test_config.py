@@ -76,7 +76,71 @@ def test_check_config_exits_nonzero_and_prints_problems(
     path.write_text(yaml.safe_dump({"device": "gpu", "folders": [{"name": "x"}]}))
     assert cli.main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "device:" in err and "folders[0].inbox: Field required" in err
+    assert "device:" in err and "folders[0].inbox: required" in err
+
+
+def test_a_missing_required_field_hides_no_other_problem(tmp_path: Path) -> None:
+    """A folder without an inbox still gets its other mistakes reported, and the other folders theirs."""
+    data = {
+        "defaults": {"model": "turbo"},
+        "folders": [
+            {"name": "a", "outbox": "/o", "failed": "/f", "archive": "/a", "task": "translate", "ouptut_name": "x"},
+            {"name": "b", "inbox": "/i", "outbox": "/o2", "failed": "/f2"},  # no archive for on_success: archive
+        ],
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert _locations(caught.value) == {
+        "folders[0].inbox", "folders[0].ouptut_name", "folders[0]", "folders[1].archive",
+    }
+    assert "folders[0].inbox: required: folder to watch" in str(caught.value)
+
+
+def test_inherited_problems_are_reported_once_where_written(tmp_path: Path) -> None:
+    """A mistake in defaults is reported there once, not again for every folder and rule inheriting it."""
+    data = {
+        "defaults": {"max_line_width": 42, "model": "nonesuch"},
+        "folders": [
+            _folder(tmp_path, "a", rules=[{"match": "*.mp3", "language": "fr"}, {"match": "*.wav"}]),
+            _folder(tmp_path, "b", model="base", max_words_per_line=3),
+        ],
+    }  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert [str(p) for p in caught.value.problems] == [
+        "defaults: max_line_width need(s) word_timestamps: true",
+        "defaults.model: unknown model 'nonesuch'; available: tiny.en, tiny, base.en, base, small.en, small, "
+        "medium.en, medium, large-v1, large-v2, large-v3, large, large-v3-turbo, turbo, or a path to a whisper "
+        ".pt file, a Hugging Face Whisper folder or a CTranslate2 Whisper folder",
+        # folder b adds a mistake of its own; the inherited one is not repeated there
+        "folders[1]: max_line_width, max_words_per_line need(s) word_timestamps: true",
+        "folders[1]: max_words_per_line and max_line_width cannot be combined (whisper uses one)",
+    ]
+
+
+def test_problems_are_in_plain_words_with_did_you_mean(tmp_path: Path) -> None:
+    """Misspelt keys and values get "did you mean", patterns are said in words, misplaced keys where they go."""
+    data = {
+        "device": "gpu",
+        "log_levl": "info",
+        "model_mirror": "ftp://mirror",
+        "defaults": {"watch": "poll", "tempreature": 0},
+        "folders": [_folder(tmp_path, "a b", watch="pol", rules=[{"match": "*", "langauge": "fr"}])],
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    messages = {p.location: p.message for p in caught.value.problems}
+    assert messages == {
+        "device": "must be auto, cpu, cuda or cuda:N (a GPU's index, e.g. cuda:1), not 'gpu'",
+        "log_levl": "unknown key 'log_levl'; did you mean 'log_level'?",
+        "model_mirror": "must be a URL starting with http://, https:// or file://, not 'ftp://mirror'",
+        "defaults.watch": "unknown key 'watch' here: it belongs to a folder",
+        "defaults.tempreature": "unknown key 'tempreature'; did you mean 'temperature'?",
+        "folders[0].name": "must start with a letter or digit and hold only letters, digits, '_', '.' and '-', "
+                           "not 'a b'",
+        "folders[0].watch": "must be 'events' or 'poll', not 'pol'; did you mean 'poll'?",
+        "folders[0].rules[0].langauge": "unknown key 'langauge'; did you mean 'language'?",
+    }
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
