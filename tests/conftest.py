@@ -16,6 +16,7 @@ import yaml
 from daemon_harness import Daemon
 from make_test_checkpoint import make_checkpoint
 
+from daemon import log as logsetup
 from daemon.config import Config, Rule, parse_config
 from daemon.journal import FileIdentity, Journal
 from daemon.models import ModelRegistry
@@ -49,6 +50,7 @@ def _reset_structlog() -> Iterator[None]:
     """Each test starts with structlog's defaults, whatever an earlier test configured."""
     yield
     structlog.reset_defaults()
+    logsetup.unroute_stdlib_logging()
 
 
 @pytest.fixture(scope="session")

@@ -61,16 +61,20 @@ def process_file(
     stem: str | None = None,
     progress: Progress | None = None,
     control: JobControl | None = None,
+    name: str | None = None,
 ) -> FileResult:
     """Return the result of running the whole pipeline on one file; outputs go to target_dir.
 
     `source` is a file already opened (the worker's, checked) or a path to open (the command line).
+    `name` is what every event calls the file, so its events share one `file` with the caller's
+    (the worker's inbox-relative path); by default the name the source is known by.
     Raises MediaError (permanent) or TransientError (retry later) with the stage filled in, and
     JobCancelled once `control` is cancelled (tools are killed; whisper stops between windows).
     """
     opened = open_path(source) if isinstance(source, Path) else source
     try:
-        return _run_stages(opened, rule, engine, settings, target_dir, stem, progress, control)
+        return _run_stages(opened, rule, engine, settings, target_dir, stem, progress, control,
+                           name if name is not None else names.escape(str(opened.display)))
     except JobError as err:
         if err.path is None:
             err.path = opened.display  # stages deeper down (publish, transcribe) do not know the file
@@ -89,10 +93,11 @@ def _run_stages(
     stem: str | None,
     progress: Progress | None,
     control: JobControl | None,
+    name: str,
 ) -> FileResult:
     stem = stem if stem is not None else source.display.stem
     timings: dict[str, float] = {}
-    bound = log.bind(file=str(source.display))
+    bound = log.bind(file=name)
 
     started = time.monotonic()
     media = probe(source, timeout_s=settings.probe_timeout, control=control)
