@@ -38,6 +38,16 @@ class _PlainUnpickler(pickle.Unpickler):
         return None  # a tensor's storage: not read
 
 
+def looks_like_checkpoint(path: Path) -> bool:
+    """Return True when a file is in one of torch's formats: a zip archive, or a legacy pickle."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:2] == b"\x80\x02"  # zip local header; pickle protocol 2
+
+
 def read_dims(path: Path) -> dict[str, int] | None:
     """Return the `dims` of a whisper checkpoint in torch's zip format; None when it cannot tell.
 

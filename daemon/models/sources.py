@@ -81,6 +81,11 @@ def identify(setting: str) -> ModelSource:
         )
     path = Path(setting)
     if path.is_file():
+        from daemon.models.ptdims import looks_like_checkpoint
+
+        if not looks_like_checkpoint(path):
+            raise ModelError(f"{path}: not a whisper checkpoint torch can read: not a file torch wrote "
+                             "(neither its zip format nor a pickle)")
         return ModelSource(setting, "checkpoint", path)
     if path.is_dir():
         from daemon.models.hf import is_hf_folder
@@ -119,8 +124,8 @@ def facts(setting: str) -> ModelFacts | None:
     stat = source.path.stat()
     try:
         return _path_facts(str(source.path), source.kind, stat.st_size, stat.st_mtime_ns)
-    except (ModelError, OSError, ValueError, KeyError):
-        return None  # loading will report what is wrong, with more detail
+    except Exception:  # not a checkpoint (torch raises RuntimeError, UnpicklingError …): loading will
+        return None  # report what is wrong, with more detail
 
 
 @lru_cache(maxsize=64)
