@@ -15,8 +15,9 @@ from typing import Any, NoReturn, TextIO, cast
 
 import structlog
 
-from daemon import __version__, names, whisper_options
+from daemon import __version__, names, preflight, whisper_options
 from daemon.config import (
+    CheckedFolder,
     Config,
     Folder,
     Rule,
@@ -25,6 +26,8 @@ from daemon.config import (
     load_config,
     parse_config,
     parse_duration,
+    read_config_file,
+    validate_config,
 )
 from daemon.errors import ConfigError, ConfigProblem, JobError, ModelError, ToolMissing, UsageError
 from daemon.journal import JobState
@@ -65,7 +68,10 @@ def build_parser() -> _Parser:
     config_help = f"the daemon's config file (default {DEFAULT_CONFIG})"
 
     r = sub.add_parser("run", help="run the daemon: watch the configured folders and process what arrives")
-    r.add_argument("--config", "-c", type=Path, required=True, help="the config file (e.g. /etc/whisperd/config.yaml)")
+    r.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    r.add_argument("--allow-missing", action="store_true",
+                   help="start even when an inbox is missing or cannot be watched; that folder is paused, "
+                   "with the reason in `whisperd status`, until it can be")
 
     t = sub.add_parser("transcribe", help="transcribe or translate files named on the command line, "
                        "with whisper's option names")
@@ -108,8 +114,16 @@ def build_parser() -> _Parser:
     imp = actions.add_parser("import", help="convert a Hugging Face or CTranslate2 folder into model_dir's cache now")
     imp.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a model folder (or .pt file, to check it)")
 
-    c = sub.add_parser("check-config", help="validate a config file and print each folder's resolved rules")
-    c.add_argument("config", type=Path, metavar="FILE", help="the config file to check")
+    c = sub.add_parser("check-config", help="check a config file and the folders it names; print each folder's "
+                       "resolved rules, or every problem at once")
+    c.add_argument("file", nargs="?", type=Path, metavar="FILE", help=f"the config file (default {DEFAULT_CONFIG})")
+    c.add_argument("--config", "-c", type=Path, dest="config_option", metavar="FILE",
+                   help="the config file, given the way the other commands take it")
+    c.add_argument("--as-user", metavar="USER",
+                   help="judge the folders' permissions for this user, the one the service runs as "
+                   "(whisperd for the packaged unit; default: whoever runs the check)")
+    c.add_argument("--file-only", action="store_true",
+                   help="check the file alone, not its folders on this machine (a config meant for another one)")
 
     sub.add_parser("config-schema", help="print the config file's JSON Schema (for editors)")
     parser.commands = dict(sub.choices)
@@ -156,10 +170,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config)."""
-    from daemon.service import Service
+    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config).
 
-    return Service(args.config).run()
+    Refuses to start with no folders, or with an inbox it cannot watch (missing, not a folder, no
+    access): creating a missing inbox would hide an unmounted share. `--allow-missing` starts
+    anyway and hands the service the decision to pause those folders.
+    """
+    config = load_config(args.config)
+    if not config.folders:
+        raise ConfigError([ConfigProblem("folders", "no folders configured: whisperd run has nothing to watch")],
+                          args.config)
+    blocked = preflight.unwatchable(_checked_folders(config), preflight.User.current())
+    if blocked and not args.allow_missing:
+        lines = "".join(f"\n  {finding}" for finding in blocked)
+        print(f"whisperd: cannot watch every inbox; fix them, or start with --allow-missing to pause "
+              f"those folders until they can be watched:{lines}", file=sys.stderr)
+        return EXIT_USAGE
+    from daemon.service import Service  # torch and whisper: only once the daemon will really start
+
+    # Passed only when asked for, so a service without that parameter still runs every other start.
+    options = {"allow_missing": True} if args.allow_missing else {}
+    return Service(args.config, **options).run()
+
+
+def _checked_folders(config: Config) -> list[CheckedFolder]:
+    return [CheckedFolder(i, folder) for i, folder in enumerate(config.folders.values())]
 
 
 def _since(value: str) -> float:
@@ -344,21 +379,62 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a config file; print every folder's resolved rules, or every problem."""
-    config = load_config(args.config)
-    print(f"{args.config}: OK, {len(config.folders)} folder(s)")
-    for name, folder in config.folders.items():
-        base, entries = config.folder_rules(name)
-        print(f"\nfolder {name}: {folder.inbox} → {folder.outbox} (watch: {folder.watch})")
-        print(f"  own rule: {_rule_summary(base)}")
-        for entry, rule in entries:
-            print(f"  match {entry.match!r}: {_rule_summary(rule)}")
-    return EXIT_OK
+    """Check a config file and the folders it names; print each folder's resolved rules and every problem."""
+    path: Path = args.config_option or args.file or DEFAULT_CONFIG
+    data = read_config_file(path)  # unreadable, or not YAML: nothing more can be checked
+    checked = validate_config(data, base_dir=path.resolve().parent)
+    findings = [preflight.Finding(p.location, p.message) for p in checked.problems]
+    if data is None or (isinstance(data, dict) and not data.get("folders")):
+        findings.append(preflight.Finding("folders", "no folders configured: whisperd run has nothing to watch"))
+    user = _check_user(args.as_user)
+    if not args.file_only:
+        findings += preflight.check_folders(checked.folders, user)
+    errors = [f for f in findings if f.level == "error"]
+    warnings = [f for f in findings if f.level == "warning"]
+
+    counted = [f"{len(errors)} problem(s)"] if errors else ["OK"]
+    counted += [f"{len(warnings)} warning(s)"] if warnings else []
+    print(f"{path}: {', '.join(counted)}, {len(checked.folders)} folder(s)")
+    for finding in errors:
+        print(f"  {finding}", file=sys.stderr)
+    for finding in warnings:
+        print(f"  warning: {finding}", file=sys.stderr)
+    if checked.folders and not args.file_only and user.uid == 0 and args.as_user is None:
+        print("  (permissions judged for root, who may write anywhere; the packaged service runs as "
+              "whisperd: add --as-user whisperd)", file=sys.stderr)
+    if not checked.problems:
+        config = parse_config(data, base_dir=path.resolve().parent, source=path)
+        for name, folder in config.folders.items():
+            _print_folder(config, name, folder)
+    return EXIT_USAGE if errors else EXIT_OK
+
+
+def _check_user(name: str | None) -> preflight.User:
+    if name is None:
+        return preflight.User.current()
+    try:
+        return preflight.User.named(name)
+    except KeyError:
+        raise UsageError(f"--as-user: no user named {name!r} on this machine") from None
+
+
+def _print_folder(config: Config, name: str, folder: Folder) -> None:
+    base, entries = config.folder_rules(name)
+    print(f"\nfolder {name}: {folder.inbox} → {folder.outbox} (watch: {folder.watch})")
+    print(f"  own rule: {_rule_summary(base)}")
+    for entry, rule in entries:
+        print(f"  match {entry.match!r}: {_rule_summary(rule)}")
 
 
 def _rule_summary(rule: Rule) -> str:
-    keys = ("model", "task", "language", "audio_track", "output_formats", "output_name", "on_success")
-    return ", ".join(f"{k}={_show(getattr(rule, k))}" for k in keys)
+    keys = ("model", "task", "language", "audio_track", "output_formats", "output_name", "word_timestamps",
+            "max_line_width", "max_line_count", "max_words_per_line", "highlight_words", "skip_silence",
+            "on_success")
+    defaults = Rule.model_fields
+    # Layout options show only when set: most folders leave them off, and a line should fit a screen.
+    optional = {"max_line_width", "max_line_count", "max_words_per_line", "highlight_words"}
+    shown = [k for k in keys if k not in optional or getattr(rule, k) != defaults[k].default]
+    return ", ".join(f"{k}={_show(getattr(rule, k))}" for k in shown)
 
 
 def _show(value: Any) -> str:

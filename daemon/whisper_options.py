@@ -137,7 +137,7 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--threads", type=optional_int, help="torch CPU threads; 0 keeps torch's default")
     t.add_argument("--engine", choices=ENGINES, default="sequential",
                    help="how files reach the model: 'sequential', one file after another, is the only engine today")
-    t.add_argument("--clip_timestamps", "--clip-timestamps", type=clip_timestamps, default=(),
+    t.add_argument("--clip-timestamps", "--clip_timestamps", type=clip_timestamps, default=(),
                    help="only these stretches, as whisper takes them: start,end,start,end,… in seconds on the "
                    "file's timeline; a missing last end means the end of the file; 0 means all of it")
     t.add_argument("--log-format", "--log_format", choices=["auto", "json", "console"],
@@ -171,7 +171,7 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     rule.add_argument("--temperature", type=float, **opt,
                       help="sampling temperature, as whisper takes it: with the fallback, the first of the steps "
                       "tried up to 1.0 when a window fails the thresholds (default: 0, or the config's)")
-    rule.add_argument("--temperature_increment_on_fallback", "--temperature-increment-on-fallback",
+    rule.add_argument("--temperature-increment-on-fallback", "--temperature_increment_on_fallback",
                       type=optional_float, **opt, help="the fallback's step from --temperature up to 1.0; "
                       f"None turns the fallback off (default: {DEFAULT_TEMPERATURE_INCREMENT})")
     add("beam_size", type=optional_int)
