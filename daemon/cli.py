@@ -232,14 +232,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(json.dumps([operations.job_view(j, now) for j in jobs], indent=2))
     elif jobs:
         print(operations.format_jobs(jobs))
+    else:
+        filtered = args.state or args.since is not None or args.folder
+        print("no jobs" + (" match these filters" if filtered else " in the journal yet"))
     return EXIT_OK
 
 
-def _report(outcome: Any, verb: str) -> int:
+def _report(outcome: Any, verb: str, not_done: str) -> int:
     for line in outcome.done:
         print(names.printable(f"{verb}: {line}"))
     for line in outcome.skipped:
-        print(names.printable(f"skipped: {line}"), file=sys.stderr)
+        print(names.printable(f"{not_done}: {line}"), file=sys.stderr)
     return EXIT_OK if not outcome.skipped else EXIT_FAILED
 
 
@@ -249,7 +252,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     journal = operations.open_daemon_journal(config)
-    return _report(operations.retry_failed(config, journal, args.selectors, folder=args.folder), "queued again")
+    outcome = operations.retry_failed(config, journal, args.selectors, folder=args.folder)
+    return _report(outcome, "queued again", "not retried")
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -264,7 +268,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise operations.OperationError("name files to queue, or --list FILE")
     config = load_config(args.config)
     journal = operations.open_daemon_journal(config)
-    return _report(operations.enqueue(config, journal, items, folder=args.folder), "queued")
+    return _report(operations.enqueue(config, journal, items, folder=args.folder), "queued", "not queued")
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon import fsutil, layout, names
-from daemon.config import Config, Folder
-from daemon.errors import WhisperdError
+from daemon.config import Config, Folder, apply_overrides
+from daemon.errors import ConfigError, WhisperdError
 from daemon.journal import FileIdentity, Job, JobState, Journal, open_journal
 
 RECENT_FAILURES = 10
@@ -42,11 +42,19 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds") if ts else None
 
 
+def attempts_made(job: Job) -> int:
+    """Return how many times the job was tried, the one running or the one that succeeded included.
+
+    The journal counts failed attempts only: a job done at the first try has 0 there, 1 here.
+    """
+    return job.attempts + (1 if job.state in (JobState.RUNNING, JobState.DONE) else 0)
+
+
 def job_view(job: Job, now: float) -> dict[str, Any]:
     """Return a job as plain JSON-able data, with elapsed time and ETA while it runs."""
     view: dict[str, Any] = {
         "id": job.id, "folder": job.folder, "path": job.rel_path, "state": job.state.value,
-        "attempts": job.attempts, "created_at": _iso(job.created_at), "updated_at": _iso(job.updated_at),
+        "attempts": attempts_made(job), "created_at": _iso(job.created_at), "updated_at": _iso(job.updated_at),
     }  # fmt: skip
     if job.state == JobState.RUNNING:
         elapsed = max(now - (job.started_at or now), 0.0)
@@ -55,8 +63,10 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
                  "eta_s": round(elapsed / progress * (1 - progress), 1) if progress >= 0.02 else None}
     if job.state == JobState.RETRY_WAIT:
         view["next_attempt_at"] = _iso(job.next_attempt_at)
-    if job.last_error:
+    if job.last_error and job.state in (JobState.RETRY_WAIT, JobState.FAILED):
         view |= {"error": job.last_error, "stage": job.last_stage}
+    elif job.last_error:  # an earlier attempt's, not the state the job is in now
+        view |= {"previous_error": job.last_error, "previous_stage": job.last_stage}
     if job.state == JobState.FAILED:
         view |= {"original": job.disposed_path, "finished_at": _iso(job.finished_at)}
     if job.state == JobState.DONE:
@@ -126,14 +136,19 @@ def list_jobs(
     ]  # fmt: skip
 
 
+JOBS_HEADER = f"{'ID':>6}  {'STATE':<10}  {'UPDATED':<19}  {'TRIES':>5}  FILE"
+
+
 def format_jobs(jobs: Iterable[Job]) -> str:
-    """Return one line per job: id, state, folder/path, attempts, last update, error."""
-    lines = []
+    """Return a header and one line per job: id, state, last update, tries, folder/path, and why
+    it is waiting or failed."""
+    lines = [JOBS_HEADER]
     for job in jobs:
         updated = datetime.fromtimestamp(job.updated_at).strftime("%Y-%m-%d %H:%M:%S")
-        error = f"  {job.last_error}" if job.last_error and job.state != JobState.DONE else ""
+        waiting_or_failed = job.state in (JobState.RETRY_WAIT, JobState.FAILED)
+        error = f"  [{job.last_stage}] {job.last_error}" if job.last_error and waiting_or_failed else ""
         where = f"{job.folder}/{job.rel_path}"
-        lines.append(f"{job.id:>6}  {job.state.value:<10}  {updated}  {job.attempts}  {where}{error}")
+        lines.append(f"{job.id:>6}  {job.state.value:<10}  {updated}  {attempts_made(job):>5}  {where}{error}")
     return "\n".join(names.printable(line) for line in lines)  # a file name can hold terminal escapes
 
 
@@ -157,15 +172,19 @@ def retry_failed(
         raise OperationError("name the jobs or files to retry, or --folder NAME for all its failures")
     if folder is not None and folder not in config.folders:
         raise OperationError(f"no folder named {folder!r} in the config")
-    failed = [j for j in journal.jobs([JobState.FAILED]) if folder is None or j.folder == folder]
-    if selectors:
-        chosen, unknown = _select(failed, selectors)
-        if unknown:
-            raise OperationError(f"no failed job matches: {', '.join(unknown)}")
-    else:
-        chosen = failed
+    jobs = [j for j in journal.jobs() if folder is None or j.folder == folder]
     outcome = Outcome()
+    if selectors:
+        chosen, unknown = _select(jobs, selectors)
+        if unknown and not chosen:
+            raise OperationError(f"no job matches: {', '.join(unknown)}")
+        outcome.skipped += [f"{selector}: no job matches" for selector in unknown]
+    else:
+        chosen = [j for j in jobs if j.state == JobState.FAILED]
     for job in chosen:
+        if job.state != JobState.FAILED:
+            outcome.skipped.append(f"#{job.id} {job.folder}/{job.rel_path}: {_not_failed(job)}")
+            continue
         label = f"#{job.id} {job.folder}/{job.rel_path}"
         target_folder = config.folders.get(job.folder)
         if target_folder is None:
@@ -188,6 +207,16 @@ def retry_failed(
         else:
             outcome.skipped.append(f"{label}: moved back to the inbox; the daemon queues it as a new arrival")
     return outcome
+
+
+def _not_failed(job: Job) -> str:
+    """Return why a job is not retried: the state it is in, in words."""
+    return {
+        JobState.QUEUED: "not failed: it is queued and will run",
+        JobState.RUNNING: "not failed: it is running now",
+        JobState.RETRY_WAIT: f"not failed: it waits for its next attempt (at {_iso(job.next_attempt_at)})",
+        JobState.DONE: "not failed: it is done (to process it again: whisperd enqueue FILE)",
+    }.get(job.state, f"not failed: it is {job.state.value}")
 
 
 def _failed_original(folder: Folder, job: Job) -> fsutil.Place | None:
@@ -257,7 +286,10 @@ def enqueue(
     config: Config, journal: Journal, items: Sequence[EnqueueItem], *, folder: str | None = None
 ) -> Outcome:
     """Queue files now, without waiting for the watcher; a file outside every inbox is copied into
-    `folder`'s inbox first. Per-item overrides are validated against that file's rule."""
+    `folder`'s inbox first. Per-item overrides are validated against that file's rule.
+
+    Every valid item is queued; each invalid one is listed in `skipped` with the reason.
+    """
     if folder is not None and folder not in config.folders:
         raise OperationError(f"no folder named {folder!r} in the config")
     problems = []
@@ -277,18 +309,16 @@ def enqueue(
             problems.append(f"{item.path}: the folder's include/exclude rules or built-in ignores skip it")
             continue
         try:
-            rule = config.rule_for(target_folder.name, rel).with_overrides(item.overrides)
-        except ValueError as err:
-            problems.append(f"{item.path}: {err}")
+            rule = apply_overrides(config.rule_for(target_folder.name, rel), item.overrides)
+        except ConfigError as err:
+            problems.append(f"{item.path}: {'; '.join(str(p) for p in err.problems)}")
             continue
         if rule.problems():
             problems.append(f"{item.path}: {'; '.join(rule.problems())}")
             continue
         plans.append((path, target_folder, rel, item.overrides, owner is None))
-    if problems:
-        raise OperationError("nothing was queued:\n  " + "\n  ".join(problems))
 
-    outcome = Outcome()
+    outcome = Outcome(skipped=problems)  # the valid ones are queued all the same
     for path, target_folder, rel, overrides, copy in plans:
         if copy:
             # Copy under a hidden name the watcher ignores, then rename: it never sees half a file.
