@@ -98,8 +98,8 @@ def test_layout_options_reach_whispers_writer(
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
     """A writer that fails halfway leaves the previous file intact and no temp file behind."""
-    target = tmp_path / "talk.srt"
-    target.write_text("old subtitles\n")
+    target = tmp_path / "talk.txt"
+    target.write_text("old transcript\n")
 
     def half_then_crash(handle: Any) -> None:
         handle.write("partial")
@@ -107,8 +107,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
 
     with pytest.raises(RuntimeError):
         atomic_write_text(target, half_then_crash)
-    assert target.read_text() == "old subtitles\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["talk.srt"]
+    assert target.read_text() == "old transcript\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["talk.txt"]
 
 
 def test_unwritable_outbox_is_transient(

@@ -121,7 +121,7 @@ def _run_stages(
                rtf=round(timings["transcribe"] / audio.duration_s, 4) if audio.duration_s else None)
 
     started = time.monotonic()
-    outputs = publish(transcript, rule, target_dir, stem)
+    outputs = publish(transcript, rule, target_dir, stem, end_s=audio.offset_s + audio.duration_s)
     timings["publish"] = time.monotonic() - started
     bound.debug("published", stage="publish", outputs=[names.escape(str(p)) for p in outputs],
                 duration_s=round(timings["publish"], 3))
