@@ -41,7 +41,9 @@ finally:
 
 def prepare(root: Path) -> Path:
     """Return a config under root with two folders, a `.pt` model rule and a journal with a job."""
-    sys.path.insert(0, str(ROOT / "tools"))
+    # This checkout's daemon, as the measured commands use: an installed whisperd may be another
+    # version, with another journal schema.
+    sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
     from make_test_checkpoint import make_checkpoint
 
     from daemon.journal import FileIdentity, open_journal
@@ -70,7 +72,10 @@ def measure(argv: list[str]) -> tuple[float, list[str]]:
     proc = subprocess.run([sys.executable, "-c", CHILD, ",".join(HEAVY), *argv],
                           capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     elapsed = time.perf_counter() - started
-    imported: list[str] = json.loads(proc.stderr.strip().splitlines()[-1])
+    lines = proc.stderr.strip().splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("["):
+        raise SystemExit(f"whisperd {' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stderr}")
+    imported: list[str] = json.loads(lines[-1])
     return elapsed, imported
 
 
