@@ -1,7 +1,7 @@
 # whisperd developer and demo commands. On a fresh Debian/Ubuntu machine:
 #   make run    set everything up, then run whisperd on ./demo (drop files into demo/inbox)
 #   make test   set everything up, then run the test suite
-# GPU servers choose their torch build:  make run TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://…/cu128
+# torch: PyPI's CUDA build by default; without a GPU:  make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -19,8 +19,9 @@ TEST_PACKAGES := $(RUN_PACKAGES) espeak-ng sox systemd procps strace
 
 .PHONY: setup setup-test run test lint clean
 
-# torch goes in first, from one variable: installed as a dependency of whisper, an unpinned
-# torch would pull several GB of CUDA wheels onto a CPU-only machine.
+# torch goes in first, from one variable, so each machine picks its build: PyPI's torch (the
+# default) is the CUDA build, several GB of nvidia wheels, right for a GPU server; a CPU-only
+# machine takes TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 $(BIN)/.torch: | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -10,27 +11,31 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TextIO, cast
 
 import structlog
 
-from daemon import __version__, names
+from daemon import __version__, names, preflight, whisper_options
 from daemon.config import (
-    OUTPUT_FORMATS,
-    RULE_FIELDS,
+    CheckedFolder,
     Config,
+    Folder,
     Rule,
+    apply_overrides,
     json_schema,
     load_config,
     parse_config,
     parse_duration,
+    read_config_file,
+    validate_config,
 )
-from daemon.errors import ConfigError, JobError, ModelError, ToolMissing
+from daemon.errors import ConfigError, ConfigProblem, JobError, ModelError, ToolMissing, UsageError
 from daemon.journal import JobState
-from daemon.models import ModelRegistry, is_path_setting
+from daemon.models import ModelRegistry, is_path_setting, source_problem
 from daemon.operations import OperationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_CONFIG = Path("/etc/whisperd/config.yaml")
 
 
 def _user_model_dir() -> Path:
@@ -39,72 +44,45 @@ def _user_model_dir() -> Path:
     return Path(cache) / "whisper"
 
 
-def _optional_float(value: str) -> float | None:
-    return None if value.lower() in ("none", "null") else float(value)
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose mistakes take one line: what is wrong, and where help is."""
+
+    commands: dict[str, argparse.ArgumentParser]  # the subcommands' parsers, by name
+
+    def error(self, message: str) -> NoReturn:
+        for flag, reason in whisper_options.WHISPER_ONLY.items():
+            if f" {flag}" in f" {message}" or f" {flag.replace('_', '-')}" in f" {message}":
+                message = f"whisper's {flag} is not taken: {reason}"
+                break
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _optional_int(value: str) -> int | None:
-    return None if value.lower() in ("none", "null") else int(value)
-
-
-def _bool(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes", "on"):
-        return True
-    if value.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, not {value!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     """Return the argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="whisperd",
         description="Watch folders and turn recordings into transcripts and subtitles with Whisper.",
     )
     parser.add_argument("--version", action="version", version=f"whisperd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = f"the daemon's config file (default {DEFAULT_CONFIG})"
 
     r = sub.add_parser("run", help="run the daemon: watch the configured folders and process what arrives")
-    r.add_argument("--config", "-c", type=Path, required=True, help="the config file (e.g. /etc/whisperd/config.yaml)")
+    r.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    r.add_argument("--allow-missing", action="store_true",
+                   help="start even when an inbox is missing or cannot be watched; that folder is paused, "
+                   "with the reason in `whisperd status`, until it can be")
 
-    t = sub.add_parser("transcribe", help="transcribe or translate files named on the command line")
-    t.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    t.add_argument("--config", "-c", type=Path, help="take settings and defaults from this config file")
-    t.add_argument("--folder", help="use this configured folder's rules (needs --config)")
-    # Rule options: absent unless given (SUPPRESS), so only what the user typed overrides the
-    # config's defaults; each dest is the rule field's name.
-    rule = t.add_argument_group("rule options (override the config's defaults)")
-    opt: dict[str, Any] = {"default": argparse.SUPPRESS}
-    rule.add_argument("--model", **opt, help="model name or .pt checkpoint path")
-    rule.add_argument("--task", **opt, choices=["transcribe", "translate"])
-    rule.add_argument("--language", **opt, help="auto, or a code or name such as fr or French")
-    rule.add_argument("--output-format", "--output_format", "-f", dest="output_formats", nargs="+",
-                      choices=[*OUTPUT_FORMATS, "all"], **opt, help="formats to write (default: all)")
-    rule.add_argument("--word-timestamps", "--word_timestamps", type=_bool, metavar="BOOL", **opt)
-    rule.add_argument("--max-line-width", "--max_line_width", type=int, **opt)
-    rule.add_argument("--max-line-count", "--max_line_count", type=int, **opt)
-    rule.add_argument("--max-words-per-line", "--max_words_per_line", type=int, **opt)
-    rule.add_argument("--highlight-words", "--highlight_words", type=_bool, metavar="BOOL", **opt)
-    rule.add_argument("--initial-prompt", "--initial_prompt", **opt)
-    rule.add_argument("--temperature", type=float, **opt)
-    rule.add_argument("--beam-size", "--beam_size", type=_optional_int, **opt)
-    rule.add_argument("--no-speech-threshold", "--no_speech_threshold", type=_optional_float, **opt)
-    t.add_argument("--model-dir", "--model_dir", type=Path, help="where named models download")
-    t.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    t.add_argument("--output-dir", "--output_dir", "-o", type=Path, default=Path("."),
-                   help="directory for the outputs (default: the current directory)")
-    t.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
-    t.add_argument("--log-format", choices=["auto", "json", "console"])
-
-    default_config = Path("/etc/whisperd/config.yaml")
-    config_help = f"the daemon's config file (default {default_config})"
+    t = sub.add_parser("transcribe", help="transcribe or translate files named on the command line, "
+                       "with whisper's option names")
+    whisper_options.add_arguments(t)
 
     s = sub.add_parser("status", help="per-folder counts, the running job with progress and ETA, recent failures")
-    s.add_argument("--config", "-c", type=Path, default=default_config, help=config_help)
+    s.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help=config_help)
     s.add_argument("--json", action="store_true", help="print JSON")
 
     j = sub.add_parser("jobs", help="list jobs from the journal")
-    j.add_argument("--config", "-c", type=Path, default=default_config, help=config_help)
+    j.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help=config_help)
     j.add_argument("--state", action="append", default=[], choices=[s.value for s in JobState],
                    help="only jobs in this state (repeatable)")
     j.add_argument("--since", type=_since, help="only jobs updated since: a duration ago (2h, 30m) or an ISO time")
@@ -115,18 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("selectors", nargs="*", metavar="JOB|PATH",
                     help="job ids, failed originals, or inbox-relative paths")
     rt.add_argument("--folder", help="retry every failed job of this folder (or only those named)")
-    rt.add_argument("--config", "-c", type=Path, default=default_config, help=config_help)
+    rt.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help=config_help)
 
     e = sub.add_parser("enqueue", help="queue files now, without waiting for the watcher (batch runs)")
-    e.add_argument("paths", nargs="*", type=Path, metavar="PATH")
+    e.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                   help="files inside an inbox, or anywhere with --folder")
     e.add_argument("--list", type=Path, metavar="FILE",
                    help='paths one per line, or JSON lines like {"path": "…", "task": "translate", "language": "fr"}')
     e.add_argument("--folder", help="copy files from outside every inbox into this folder's inbox")
-    e.add_argument("--config", "-c", type=Path, default=default_config, help=config_help)
+    e.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help=config_help)
 
     m = sub.add_parser("models", help="list the configured models: kind, where on disk, resident in a daemon; "
                        "or pull / import one ahead of time")
-    m.add_argument("--config", "-c", type=Path, default=default_config, help=config_help)
+    m.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help=config_help)
     m.add_argument("--model-dir", "--model_dir", type=Path, help="use this model_dir instead of the config's")
     m.add_argument("--json", action="store_true", help="print JSON (the listing)")
     actions = m.add_subparsers(dest="action", metavar="ACTION")
@@ -135,16 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     imp = actions.add_parser("import", help="convert a Hugging Face or CTranslate2 folder into model_dir's cache now")
     imp.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a model folder (or .pt file, to check it)")
 
-    c = sub.add_parser("check-config", help="validate a config file and print each folder's resolved rules")
-    c.add_argument("config", type=Path, metavar="FILE")
+    c = sub.add_parser("check-config", help="check a config file and the folders it names; print each folder's "
+                       "resolved rules, or every problem at once")
+    c.add_argument("file", nargs="?", type=Path, metavar="FILE", help=f"the config file (default {DEFAULT_CONFIG})")
+    c.add_argument("--config", "-c", type=Path, dest="config_option", metavar="FILE",
+                   help="the config file, given the way the other commands take it")
+    c.add_argument("--as-user", metavar="USER",
+                   help="judge the folders' permissions for this user, the one the service runs as "
+                   "(whisperd for the packaged unit; default: whoever runs the check)")
+    c.add_argument("--file-only", action="store_true",
+                   help="check the file alone, not its folders on this machine (a config meant for another one)")
 
     sub.add_parser("config-schema", help="print the config file's JSON Schema (for editors)")
+    parser.commands = dict(sub.choices)
     return parser
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Return the parsed command line; a mistake exits 2 with one line."""
+    argv = list(argv)
+    if argv[:1] == ["transcribe"]:
+        argv = ["transcribe", *whisper_options.expand_output_formats(argv[1:])]
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, so the hint names its --help
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the whisperd command line; return the process exit code."""
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     handler = {
         "run": cmd_run,
         "transcribe": cmd_transcribe,
@@ -161,16 +161,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"whisperd: invalid configuration: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except UsageError as err:
+        print(f"whisperd {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except (OperationError, ToolMissing, ModelError) as err:
         print(f"whisperd: {err}", file=sys.stderr)
         return EXIT_FAILED
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config)."""
-    from daemon.service import Service
+    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config).
 
-    return Service(args.config).run()
+    Refuses to start with no folders, or with an inbox it cannot watch (missing, not a folder, no
+    access): creating a missing inbox would hide an unmounted share. `--allow-missing` starts
+    anyway and hands the service the decision to pause those folders.
+    """
+    config = load_config(args.config)
+    if not config.folders:
+        raise ConfigError([ConfigProblem("folders", "no folders configured: whisperd run has nothing to watch")],
+                          args.config)
+    blocked = preflight.unwatchable(_checked_folders(config), preflight.User.current())
+    if blocked and not args.allow_missing:
+        lines = "".join(f"\n  {finding}" for finding in blocked)
+        print(f"whisperd: cannot watch every inbox; fix them, or start with --allow-missing to pause "
+              f"those folders until they can be watched:{lines}", file=sys.stderr)
+        return EXIT_USAGE
+    from daemon.service import Service  # torch and whisper: only once the daemon will really start
+
+    # Passed only when asked for, so a service without that parameter still runs every other start.
+    options = {"allow_missing": True} if args.allow_missing else {}
+    return Service(args.config, **options).run()
+
+
+def _checked_folders(config: Config) -> list[CheckedFolder]:
+    return [CheckedFolder(i, folder) for i, folder in enumerate(config.folders.values())]
 
 
 def _since(value: str) -> float:
@@ -208,14 +232,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(json.dumps([operations.job_view(j, now) for j in jobs], indent=2))
     elif jobs:
         print(operations.format_jobs(jobs))
+    else:
+        filtered = args.state or args.since is not None or args.folder
+        print("no jobs" + (" match these filters" if filtered else " in the journal yet"))
     return EXIT_OK
 
 
-def _report(outcome: Any, verb: str) -> int:
+def _report(outcome: Any, verb: str, not_done: str) -> int:
     for line in outcome.done:
         print(names.printable(f"{verb}: {line}"))
     for line in outcome.skipped:
-        print(names.printable(f"skipped: {line}"), file=sys.stderr)
+        print(names.printable(f"{not_done}: {line}"), file=sys.stderr)
     return EXIT_OK if not outcome.skipped else EXIT_FAILED
 
 
@@ -225,7 +252,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     journal = operations.open_daemon_journal(config)
-    return _report(operations.retry_failed(config, journal, args.selectors, folder=args.folder), "queued again")
+    outcome = operations.retry_failed(config, journal, args.selectors, folder=args.folder)
+    return _report(outcome, "queued again", "not retried")
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -240,7 +268,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise operations.OperationError("name files to queue, or --list FILE")
     config = load_config(args.config)
     journal = operations.open_daemon_journal(config)
-    return _report(operations.enqueue(config, journal, items, folder=args.folder), "queued")
+    return _report(operations.enqueue(config, journal, items, folder=args.folder), "queued", "not queued")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -355,33 +383,66 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a config file; print every folder's resolved rules, or every problem."""
-    config = load_config(args.config)
-    print(f"{args.config}: OK, {len(config.folders)} folder(s)")
-    for name, folder in config.folders.items():
-        base, entries = config.folder_rules(name)
-        print(f"\nfolder {name}: {folder.inbox} → {folder.outbox} (watch: {folder.watch})")
-        print(f"  own rule: {_rule_summary(base)}")
-        for entry, rule in entries:
-            print(f"  match {entry.match!r}: {_rule_summary(rule)}")
-    return EXIT_OK
+    """Check a config file and the folders it names; print each folder's resolved rules and every problem."""
+    path: Path = args.config_option or args.file or DEFAULT_CONFIG
+    data = read_config_file(path)  # unreadable, or not YAML: nothing more can be checked
+    checked = validate_config(data, base_dir=path.resolve().parent)
+    findings = [preflight.Finding(p.location, p.message) for p in checked.problems]
+    if data is None or (isinstance(data, dict) and not data.get("folders")):
+        findings.append(preflight.Finding("folders", "no folders configured: whisperd run has nothing to watch"))
+    user = _check_user(args.as_user)
+    if not args.file_only:
+        findings += preflight.check_folders(checked.folders, user)
+    errors = [f for f in findings if f.level == "error"]
+    warnings = [f for f in findings if f.level == "warning"]
+
+    counted = [f"{len(errors)} problem(s)"] if errors else ["OK"]
+    counted += [f"{len(warnings)} warning(s)"] if warnings else []
+    print(f"{path}: {', '.join(counted)}, {len(checked.folders)} folder(s)")
+    for finding in errors:
+        print(f"  {finding}", file=sys.stderr)
+    for finding in warnings:
+        print(f"  warning: {finding}", file=sys.stderr)
+    if checked.folders and not args.file_only and user.uid == 0 and args.as_user is None:
+        print("  (permissions judged for root, who may write anywhere; the packaged service runs as "
+              "whisperd: add --as-user whisperd)", file=sys.stderr)
+    if not checked.problems:
+        config = parse_config(data, base_dir=path.resolve().parent, source=path)
+        for name, folder in config.folders.items():
+            _print_folder(config, name, folder)
+    return EXIT_USAGE if errors else EXIT_OK
+
+
+def _check_user(name: str | None) -> preflight.User:
+    if name is None:
+        return preflight.User.current()
+    try:
+        return preflight.User.named(name)
+    except KeyError:
+        raise UsageError(f"--as-user: no user named {name!r} on this machine") from None
+
+
+def _print_folder(config: Config, name: str, folder: Folder) -> None:
+    base, entries = config.folder_rules(name)
+    print(f"\nfolder {name}: {folder.inbox} → {folder.outbox} (watch: {folder.watch})")
+    print(f"  own rule: {_rule_summary(base)}")
+    for entry, rule in entries:
+        print(f"  match {entry.match!r}: {_rule_summary(rule)}")
 
 
 def _rule_summary(rule: Rule) -> str:
-    keys = ("model", "task", "language", "audio_track", "output_formats", "output_name", "on_success")
-    return ", ".join(f"{k}={_show(getattr(rule, k))}" for k in keys)
+    keys = ("model", "task", "language", "audio_track", "output_formats", "output_name", "word_timestamps",
+            "max_line_width", "max_line_count", "max_words_per_line", "highlight_words", "skip_silence",
+            "on_success")
+    defaults = Rule.model_fields
+    # Layout options show only when set: most folders leave them off, and a line should fit a screen.
+    optional = {"max_line_width", "max_line_count", "max_words_per_line", "highlight_words"}
+    shown = [k for k in keys if k not in optional or getattr(rule, k) != defaults[k].default]
+    return ", ".join(f"{k}={_show(getattr(rule, k))}" for k in shown)
 
 
 def _show(value: Any) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
-
-
-def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = {name: getattr(args, name) for name in RULE_FIELDS if hasattr(args, name)}
-    model = overrides.get("model")
-    if isinstance(model, str) and is_path_setting(model):
-        overrides["model"] = str(Path(model).expanduser().resolve())
-    return overrides
 
 
 def _cli_config(args: argparse.Namespace) -> Config:
@@ -391,66 +452,176 @@ def _cli_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_transcribe(args: argparse.Namespace, registry: ModelRegistry | None = None) -> int:
-    """Transcribe files named on the command line, loading each model once for all of them."""
+    """Transcribe files named on the command line, loading each model once for all of them.
+
+    Everything that can be wrong with the command line (an option, a language, a model, a folder)
+    is found before any file is touched, and reported once: exit 2. A model that fails to load is
+    reported once: exit 1, and no file is touched.
+    """
     from daemon import log
     from daemon.pipeline import process_file
+    from daemon.pipeline.clips import ClippedEngine
     from daemon.pipeline.transcribe import WhisperEngine
+    from daemon.proc import require_tools
 
     config = _cli_config(args)
     settings = config.settings
-    if args.folder and args.folder not in config.folders:
-        print(f"whisperd: no folder named {args.folder!r} in the config", file=sys.stderr)
-        return EXIT_USAGE
-    log.configure(args.log_format or settings.log_format, settings.log_level)
-    logger = structlog.get_logger("whisperd.transcribe")
+    folder = _chosen_folder(config, args.folder)
+    plans = _plan(config, folder, [Path(f) for f in args.files], _transcribe_overrides(args))
+    require_tools()  # else every file would fail the same way
 
-    overrides = _cli_overrides(args)
+    stream = _BarSafeStream(sys.stderr)
+    # The registry's model_unavailable speaks of queued files; here the failure is reported below.
+    log.configure(args.log_format or settings.log_format, settings.log_level, cast(TextIO, stream),
+                  quiet={"model_unavailable"})
+    logger = structlog.get_logger("whisperd.transcribe")
     registry = registry or ModelRegistry(
-        args.model_dir or settings.model_dir,
+        Path(args.model_dir) if args.model_dir else settings.model_dir,
         args.device or settings.device,
         args.threads if args.threads is not None else settings.torch_threads,
         mirror=settings.model_mirror,
     )
-    engine = WhisperEngine(registry)
-    failures = 0
-    for source in args.files:
-        base = config.rule_for(args.folder, source.name) if args.folder else config.defaults
+    unloadable = _load_models(registry, [rule.model for _, rule in plans])
+    if unloadable:
+        for model, reason in unloadable.items():
+            print(f"whisperd transcribe: cannot load model {model!r}: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+    engine = ClippedEngine(registry, args.clip_timestamps) if args.clip_timestamps else WhisperEngine(registry)
+    failed = 0
+    for source, rule in plans:
         try:
-            rule = base.with_overrides(overrides)
-        except ValueError as err:
-            print(f"whisperd: {err}", file=sys.stderr)
-            return EXIT_USAGE
-        if rule.problems():
-            print("whisperd: " + "; ".join(rule.problems()), file=sys.stderr)
-            return EXIT_USAGE
-        try:
-            with _progress_bar(source) as progress:
-                result = process_file(source, rule, engine, settings,
-                                      target_dir=args.output_dir, progress=progress)
-        except (JobError, ModelError, FileNotFoundError) as err:
-            failures += 1
-            logger.error("file_failed", file=str(source), error=str(err),
-                         stage=getattr(err, "stage", None))
-            print(f"whisperd: {source}: {getattr(err, 'reason', err)}", file=sys.stderr)
+            with _progress_bar(source, stream) as progress:
+                result = process_file(source, rule, engine, settings, target_dir=Path(args.output_dir),
+                                      progress=progress)
+        except (JobError, ModelError, OSError) as err:
+            failed += 1
+            # An expected fault of one file: one line with the reason, no traceback.
+            stage = {"stage": err.stage} if isinstance(err, JobError) and err.stage else {}
+            logger.warning("file_failed", file=names.escape(str(source)), **stage,
+                           error=getattr(err, "reason", None) or getattr(err, "strerror", None) or str(err))
             continue
         for path in result.outputs:
             print(names.escape(str(path)))
-    return EXIT_FAILED if failures else EXIT_OK
+    if failed:
+        print(f"whisperd transcribe: {failed} of {len(plans)} file(s) failed", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _transcribe_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = whisper_options.overrides(args)
+    model = overrides.get("model")
+    if isinstance(model, str) and is_path_setting(model):
+        overrides["model"] = str(Path(model).expanduser().resolve())
+    return overrides
+
+
+def _chosen_folder(config: Config, name: str | None) -> Folder | None:
+    """Return the folder --folder names; raise UsageError naming the configured ones otherwise."""
+    if name is None:
+        return None
+    if config.source is None:
+        raise UsageError("--folder needs --config: the folders are in the config file")
+    if name not in config.folders:
+        closest = difflib.get_close_matches(name, list(config.folders), n=1)
+        hint = f"did you mean {closest[0]!r}? " if closest else ""
+        raise UsageError(f"--folder: no folder named {name!r} in {config.source}; {hint}"
+                         f"configured: {', '.join(config.folders) or 'none'}")
+    return config.folders[name]
+
+
+def _relative_to_inbox(folder: Folder, source: Path) -> str:
+    """Return the path a folder's rules match: relative to its inbox when inside it, else the name."""
+    try:
+        return source.resolve().relative_to(folder.inbox.resolve()).as_posix()
+    except ValueError:
+        return source.name
+
+
+def _plan(
+    config: Config, folder: Folder | None, sources: Sequence[Path], overrides: dict[str, Any]
+) -> list[tuple[Path, Rule]]:
+    """Return each file with its rule; raise UsageError with every distinct mistake, in one line."""
+    plans: list[tuple[Path, Rule]] = []
+    mistakes: list[str] = []
+    for source in sources:
+        base = config.rule_for(folder.name, _relative_to_inbox(folder, source)) if folder else config.defaults
+        try:
+            rule = apply_overrides(base, overrides)
+        except ConfigError as err:
+            mistakes += [_option_problem(p) for p in err.problems]
+            continue
+        mistakes += rule.problems()
+        problem = source_problem(rule.model)
+        if problem:
+            mistakes.append(f"--model: {problem}")
+        plans.append((source, rule))
+    if mistakes:
+        raise UsageError("; ".join(dict.fromkeys(mistakes)))
+    return plans
+
+
+def _option_problem(problem: ConfigProblem) -> str:
+    field = problem.location.split("[")[0].split(".")[0]
+    return f"{whisper_options.option_for(field)}: {problem.message}" if field else problem.message
+
+
+def _load_models(registry: ModelRegistry, models: Sequence[str]) -> dict[str, str]:
+    """Load every model the files need, each once; return the ones that failed, with the reason."""
+    failed = {}
+    for model in dict.fromkeys(models):
+        try:
+            registry.get(model)
+        except ModelError as err:
+            failed[model] = str(err)
+    return failed
+
+
+class _BarSafeStream:
+    """stderr for log lines that a progress bar may share: each whole line goes out through
+    tqdm.write, which lifts the bar, writes the line and draws the bar again below it."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.bars = 0  # progress bars now drawn on this stream
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        if not self.bars:
+            return int(self.stream.write(text))
+        from tqdm import tqdm
+
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            tqdm.write(line, file=self.stream)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(self.stream.isatty())
+
+    def fileno(self) -> int:
+        return int(self.stream.fileno())
 
 
 class _progress_bar:
     """A tqdm bar on a terminal (percent of audio done), nothing otherwise."""
 
-    def __init__(self, source: Path) -> None:
+    def __init__(self, source: Path, stream: _BarSafeStream) -> None:
         self.source = source
+        self.stream = stream
         self.bar: Any = None
 
     def __enter__(self) -> Any:
-        if not sys.stderr.isatty():
+        if not self.stream.isatty():
             return None
         from tqdm import tqdm
 
-        self.bar = tqdm(total=100, desc=self.source.name, unit="%", leave=True)
+        self.bar = tqdm(total=100, desc=names.escape(self.source.name), unit="%", leave=False,
+                        file=self.stream.stream)
+        self.stream.bars += 1
 
         def update(fraction: float) -> None:
             self.bar.update(round(fraction * 100) - self.bar.n)
@@ -460,3 +631,4 @@ class _progress_bar:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.stream.bars -= 1

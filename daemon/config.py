@@ -8,9 +8,12 @@ its location, so an operator fixes a config in one round trip.
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import re
+import typing
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
@@ -363,6 +366,18 @@ def _merge(rule: Rule, overrides: Mapping[str, Any]) -> Rule:
     return Rule.model_validate({**rule.model_dump(), **overrides})
 
 
+def apply_overrides(rule: Rule, overrides: Mapping[str, Any]) -> Rule:
+    """Return the rule with some fields replaced; raise ConfigError naming each field in error.
+
+    Unlike `Rule.with_overrides`, the problems are in plain words, each at its field
+    (`language: unknown language 'klingon'; did you mean …`), for a command line or a list entry.
+    """
+    try:
+        return _merge(rule, overrides)
+    except ValidationError as err:
+        raise ConfigError(_problems("", err, Rule)) from None
+
+
 def _location(prefix: str, loc: tuple[int | str, ...]) -> str:
     text = prefix
     for part in loc:
@@ -370,11 +385,73 @@ def _location(prefix: str, loc: tuple[int | str, ...]) -> str:
     return text
 
 
-def _problems(prefix: str, err: ValidationError) -> list[ConfigProblem]:
-    return [
-        ConfigProblem(_location(prefix, tuple(e["loc"])), e["msg"].removeprefix("Value error, "))
-        for e in err.errors()
-    ]
+# Plain words for the fields whose values a regular expression checks (pydantic would quote it).
+_PATTERN_MESSAGES = {
+    "device": "must be auto, cpu, cuda or cuda:N (a GPU's index, e.g. cuda:1)",
+    "model_mirror": "must be a URL starting with http://, https:// or file://",
+    "name": "must start with a letter or digit and hold only letters, digits, '_', '.' and '-'",
+}
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """Return the model that holds the last key of loc (a folder's rules entry, say), if known."""
+    current: type[BaseModel] = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        info = current.model_fields.get(part)
+        found = _model_in(info.annotation) if info is not None else None
+        if found is None:
+            return None
+        current = found
+    return current
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown_key(model: type[BaseModel] | None, key: str) -> str:
+    """Return the message for a key the model does not have: what it may have meant, or where it belongs."""
+    known = list(model.model_fields) if model is not None else []
+    if model is Settings:
+        known += ["defaults", "folders"]
+    for owner, where in ((Folder, "a folder"), (Rule, "a rule (defaults, a folder or a rules entry)"),
+                         (ConfigFile, "the top level")):
+        if key in owner.model_fields and key not in known:
+            return f"unknown key {key!r} here: it belongs to {where}"
+    closest = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"unknown key {key!r}" + (f"; did you mean {closest[0]!r}?" if closest else "")
+
+
+def _message(model: type[BaseModel] | None, error: Any) -> str:
+    """Return a pydantic error in plain words."""
+    kind, loc, value = error["type"], tuple(error["loc"]), error.get("input")
+    key = next((part for part in reversed(loc) if isinstance(part, str)), "")
+    if kind == "missing":
+        holder = _model_at(model, loc) if model is not None else None
+        info = holder.model_fields.get(key) if holder is not None else None
+        return "required" + (f": {info.description}" if info is not None and info.description else "")
+    if kind == "extra_forbidden":
+        return _unknown_key(_model_at(model, loc) if model is not None else None, key)
+    if kind == "string_pattern_mismatch" and key in _PATTERN_MESSAGES:
+        return f"{_PATTERN_MESSAGES[key]}, not {value!r}"
+    if kind == "literal_error":
+        expected = re.findall(r"'([^']*)'", error.get("ctx", {}).get("expected", ""))
+        closest = difflib.get_close_matches(str(value), expected, n=1, cutoff=0.6)
+        hint = f"; did you mean {closest[0]!r}?" if closest else ""
+        return f"must be {error['ctx']['expected']}, not {value!r}{hint}"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _problems(prefix: str, err: ValidationError, model: type[BaseModel] | None = None) -> list[ConfigProblem]:
+    return [ConfigProblem(_location(prefix, tuple(e["loc"])), _message(model, e)) for e in err.errors()]
 
 
 def _is_within(inner: Path, outer: Path) -> bool:
@@ -389,25 +466,55 @@ def _model_problems(model: str) -> list[str]:
     return [problem] if problem else []
 
 
+# Stand-ins for required values that are missing, so the rest of a folder is still checked. A
+# folder with one never reaches a Config: its "required" problem is reported.
+_PLACEHOLDERS = {"name": "missing-name", "match": "", "inbox": "/.whisperd-missing/inbox",
+                 "outbox": "/.whisperd-missing/outbox", "failed": "/.whisperd-missing/failed"}  # fmt: skip
+
+
 def _validate(
-    model: type[M], raw: Any, prefix: str, context: dict[str, Any], problems: list[ConfigProblem]
+    model: type[M],
+    raw: Any,
+    prefix: str,
+    context: dict[str, Any],
+    problems: list[ConfigProblem],
+    missing: set[str] | None = None,
 ) -> M | None:
     """Return the validated model, adding its problems; after errors, validate what is left.
 
-    Dropping the keys in error and validating again lets the cross-field checks still run on
-    the rest, so one typo does not hide a second mistake in the same folder.
+    Dropping the keys in error (and standing in for required ones that are missing) and validating
+    again lets the cross-field checks still run on the rest, so one typo or one missing field does
+    not hide a second mistake in the same folder. `missing` collects the top-level keys stood in for.
     """
     try:
         return model.model_validate(raw, context=context)
     except ValidationError as err:
-        problems += _problems(prefix, err)
+        problems += _problems(prefix, err, model)
         pruned = copy.deepcopy(raw)
         for error in err.errors():
-            _drop(pruned, tuple(error["loc"]))
+            loc = tuple(error["loc"])
+            if error["type"] == "missing" and str(loc[-1]) in _PLACEHOLDERS:
+                _stand_in(pruned, loc)
+                if missing is not None and len(loc) == 1:
+                    missing.add(str(loc[0]))
+            else:
+                _drop(pruned, loc)
     try:
         return model.model_validate(pruned, context=context)
     except (ValidationError, TypeError):
         return None
+
+
+def _stand_in(data: Any, loc: tuple[int | str, ...]) -> None:
+    """Put a placeholder where a required key is missing."""
+    node = data
+    for part in loc[:-1]:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(node, dict):
+        node[loc[-1]] = _PLACEHOLDERS[str(loc[-1])]
 
 
 def _drop(data: Any, loc: tuple[int | str, ...]) -> None:
@@ -426,12 +533,31 @@ def _drop(data: Any, loc: tuple[int | str, ...]) -> None:
         parent.pop(key, None)
 
 
-def parse_config(data: Any, *, base_dir: Path | None = None, source: Path | None = None) -> Config:
-    """Return the validated Config for parsed YAML data; raise ConfigError listing every problem."""
+@dataclass(frozen=True)
+class CheckedFolder:
+    """A folder as far as it validated: its index in the file, and the required keys it lacks."""
+
+    index: int
+    folder: Folder
+    missing: frozenset[str] = frozenset()  # stood in for by placeholders; never in a Config
+
+
+@dataclass
+class CheckedConfig:
+    """What validating config data found: the parts that validated, and every problem."""
+
+    settings: Settings | None
+    defaults: Rule | None
+    folders: list[CheckedFolder] = field(default_factory=list)
+    problems: list[ConfigProblem] = field(default_factory=list)
+
+
+def validate_config(data: Any, *, base_dir: Path | None = None) -> CheckedConfig:
+    """Return what validating parsed YAML data found; never raises for the data's mistakes."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([ConfigProblem("", "the file must be a YAML mapping")], source)
+        return CheckedConfig(None, None, problems=[ConfigProblem("", "the file must be a YAML mapping")])
     context = {"base_dir": base_dir}
     problems: list[ConfigProblem] = []
 
@@ -443,35 +569,57 @@ def parse_config(data: Any, *, base_dir: Path | None = None, source: Path | None
     if not isinstance(raw_folders, list):
         problems.append(ConfigProblem("folders", "must be a list of folders"))
         raw_folders = []
-    folders: list[tuple[int, Folder]] = []
+    folders: list[CheckedFolder] = []
     for i, raw in enumerate(raw_folders):
-        folder = _validate(Folder, raw, f"folders[{i}]", context, problems)
+        missing: set[str] = set()
+        folder = _validate(Folder, raw, f"folders[{i}]", context, problems, missing)
         if folder is not None:
-            folders.append((i, folder))
+            folders.append(CheckedFolder(i, folder, frozenset(missing)))
 
     problems += _cross_check(defaults, folders, settings)
-    if problems:
-        raise ConfigError(problems, source)
-    assert settings is not None and defaults is not None
-    return Config(settings, defaults, (f for _, f in folders), source)
+    return CheckedConfig(settings, defaults, folders, sorted(problems, key=_file_order))
+
+
+def _file_order(problem: ConfigProblem) -> tuple[int, int]:
+    """Return a sort key that lists problems as the file is read: settings, defaults, each folder."""
+    found = re.match(r"folders\[(\d+)\]", problem.location)
+    if found:
+        return (2, int(found.group(1)))
+    return (1, 0) if problem.location.startswith("defaults") else (0, 0)
+
+
+def parse_config(data: Any, *, base_dir: Path | None = None, source: Path | None = None) -> Config:
+    """Return the validated Config for parsed YAML data; raise ConfigError listing every problem."""
+    checked = validate_config(data, base_dir=base_dir)
+    if checked.problems:
+        raise ConfigError(checked.problems, source)
+    assert checked.settings is not None and checked.defaults is not None
+    return Config(checked.settings, checked.defaults, (f.folder for f in checked.folders), source)
 
 
 def _cross_check(
     defaults: Rule | None,
-    folders: list[tuple[int, Folder]],
+    folders: list[CheckedFolder],
     settings: Settings | None,
 ) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     models_checked: dict[str, list[str]] = {}
 
-    def check_rule(location: str, rule: Rule) -> None:
-        problems.extend(ConfigProblem(location, p) for p in rule.problems())
-        if rule.model not in models_checked:
-            models_checked[rule.model] = _model_problems(rule.model)
-        problems.extend(ConfigProblem(f"{location}.model" if location else "model", p) for p in models_checked[rule.model])
+    def check_rule(location: str, rule: Rule, inherited: frozenset[str], sets_model: bool) -> frozenset[str]:
+        """Report the rule's problems that its parent does not already have, and return them all.
 
-    if defaults is not None:
-        check_rule("defaults", defaults)
+        A mistake in `defaults` is reported there once, not again for every folder and rules
+        entry that inherits it; a model is checked where it is written.
+        """
+        found = rule.problems()
+        problems.extend(ConfigProblem(location, p) for p in found if p not in inherited)
+        if sets_model:
+            if rule.model not in models_checked:
+                models_checked[rule.model] = _model_problems(rule.model)
+            problems.extend(ConfigProblem(f"{location}.model", p) for p in models_checked[rule.model])
+        return frozenset(found)
+
+    from_defaults = check_rule("defaults", defaults, frozenset(), True) if defaults is not None else frozenset()
     if settings is not None:
         for j, name in enumerate(settings.preload_models):
             for p in _model_problems(name):
@@ -479,41 +627,48 @@ def _cross_check(
 
     names: dict[str, int] = {}
     inboxes: dict[Path, int] = {}
-    for i, folder in folders:
+    for checked in folders:
+        i, folder = checked.index, checked.folder
         where = f"folders[{i}]"
-        if folder.name in names:
-            problems.append(ConfigProblem(f"{where}.name", f"{folder.name!r} is also the name of folders[{names[folder.name]}]"))
-        names.setdefault(folder.name, i)
-        inbox = folder.inbox.resolve()
-        if inbox in inboxes:
-            problems.append(ConfigProblem(f"{where}.inbox", f"folders[{inboxes[inbox]}] already watches {folder.inbox}"))
-        inboxes.setdefault(inbox, i)
+        if "name" not in checked.missing:
+            if folder.name in names:
+                problems.append(ConfigProblem(f"{where}.name", f"{folder.name!r} is also the name of folders[{names[folder.name]}]"))
+            names.setdefault(folder.name, i)
+        if "inbox" not in checked.missing:
+            inbox = folder.inbox.resolve()
+            if inbox in inboxes:
+                problems.append(ConfigProblem(f"{where}.inbox", f"folders[{inboxes[inbox]}] already watches {folder.inbox}"))
+            inboxes.setdefault(inbox, i)
         if defaults is None:
             continue
         try:
             base = _merge(defaults, folder.overrides())
         except ValidationError as err:
-            problems += _problems(where, err)
+            problems += _problems(where, err, Folder)
             continue
-        check_rule(where, base)
+        from_folder = check_rule(where, base, from_defaults, "model" in folder.overrides())
         needs_archive = base.on_success == "archive"
         for r, entry in enumerate(folder.rules):
             try:
                 rule = _merge(base, _rule_overrides(entry))
             except ValidationError as err:
-                problems += _problems(f"{where}.rules[{r}]", err)
+                problems += _problems(f"{where}.rules[{r}]", err, RuleEntry)
                 continue
-            check_rule(f"{where}.rules[{r}]", rule)
+            check_rule(f"{where}.rules[{r}]", rule, from_folder, "model" in _rule_overrides(entry))
             needs_archive |= rule.on_success == "archive"
         if needs_archive and folder.archive is None:
             problems.append(ConfigProblem(f"{where}.archive", "required: on_success is 'archive' but no archive folder is set"))
 
     # An inbox inside another folder's output would feed whisperd its own results.
-    for i, folder in folders:
-        for j, other in folders:
+    for inner in folders:
+        i, folder = inner.index, inner.folder
+        if "inbox" in inner.missing:
+            continue
+        for outer in folders:
+            j, other = outer.index, outer.folder
             for role in ("outbox", "archive", "failed", "processing"):
                 target = getattr(other, role)
-                if target is None:
+                if target is None or role in outer.missing:
                     continue
                 if _is_within(folder.inbox, target):
                     problems.append(ConfigProblem(
@@ -538,20 +693,25 @@ def _cross_check(
     return problems
 
 
-def load_config(path: str | Path) -> Config:
-    """Return the validated Config from a YAML file; raise ConfigError listing every problem."""
+def read_config_file(path: str | Path) -> Any:
+    """Return the parsed YAML of a config file; raise ConfigError if it cannot be read or parsed."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError([ConfigProblem("", f"cannot read {path}: {err.strerror}")], path) from err
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([ConfigProblem(where, f"not valid YAML: {getattr(err, 'problem', err)}")], path) from err
-    return parse_config(data, base_dir=path.resolve().parent, source=path)
+
+
+def load_config(path: str | Path) -> Config:
+    """Return the validated Config from a YAML file; raise ConfigError listing every problem."""
+    path = Path(path)
+    return parse_config(read_config_file(path), base_dir=path.resolve().parent, source=path)
 
 
 def json_schema() -> dict[str, Any]:

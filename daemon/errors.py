@@ -2,6 +2,7 @@
 
 WhisperdError
 ├── ConfigError          the configuration is invalid: every problem, each with its location
+├── UsageError           a command line asks for what cannot be done (exit 2, one line)
 ├── ToolError            an external program (ffmpeg, ffprobe) failed: argv, exit code, stderr tail
 │   └── ToolTimeout      … or ran past its wall-clock limit
 ├── ToolMissing          ffmpeg or ffprobe is not installed: the daemon refuses to start
@@ -49,6 +50,11 @@ class ConfigError(WhisperdError):
         super().__init__("\n".join(lines))
 
 
+class UsageError(WhisperdError):
+    """A command line asks for what cannot be done: an unknown folder, a language or model that does
+    not exist. Reported in one line before any file is touched; the command exits 2."""
+
+
 class ToolError(WhisperdError):
     """An external program failed. Keeps the argv and the last lines of its stderr."""
 
@@ -57,7 +63,9 @@ class ToolError(WhisperdError):
         self.returncode = returncode
         self.stderr_tail = stderr_tail
         last = stderr_tail.strip().splitlines()[-1] if stderr_tail.strip() else "no error output"
-        super().__init__(f"{self.argv[0]} exited with code {returncode}: {last}")
+        # No exit code: the program never started (not installed, or a wrapper could not exec it).
+        outcome = f"exited with code {returncode}" if returncode is not None else "could not run"
+        super().__init__(f"{self.argv[0]} {outcome}: {last}")
 
     @property
     def abnormal(self) -> bool:

@@ -1,8 +1,42 @@
-"""Language names and codes: whisper's own table, plus the ISO 639-2 tags containers carry."""
+"""Language names and codes: whisper's own table, plus the ISO 639-2 tags containers carry.
+
+The table is a copy of `whisper.tokenizer.LANGUAGES` (whisper 20250625), kept here so that reading a
+config does not import whisper, which imports torch (two seconds before `--help` could print);
+`tests/test_languages.py` checks the copy against the installed whisper.
+"""
 
 from __future__ import annotations
 
-from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+import difflib
+
+# whisper's codes and English names, in whisper's order (its language tokens follow this order).
+LANGUAGES: dict[str, str] = {
+    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian", "ko": "korean",
+    "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish", "pl": "polish", "ca": "catalan",
+    "nl": "dutch", "ar": "arabic", "sv": "swedish", "it": "italian", "id": "indonesian", "hi": "hindi",
+    "fi": "finnish", "vi": "vietnamese", "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay",
+    "cs": "czech", "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
+    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian", "la": "latin",
+    "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak", "te": "telugu", "fa": "persian",
+    "lv": "latvian", "bn": "bengali", "sr": "serbian", "az": "azerbaijani", "sl": "slovenian", "kn": "kannada",
+    "et": "estonian", "mk": "macedonian", "br": "breton", "eu": "basque", "is": "icelandic", "hy": "armenian",
+    "ne": "nepali", "mn": "mongolian", "bs": "bosnian", "kk": "kazakh", "sq": "albanian", "sw": "swahili",
+    "gl": "galician", "mr": "marathi", "pa": "punjabi", "si": "sinhala", "km": "khmer", "sn": "shona",
+    "yo": "yoruba", "so": "somali", "af": "afrikaans", "oc": "occitan", "ka": "georgian", "be": "belarusian",
+    "tg": "tajik", "sd": "sindhi", "gu": "gujarati", "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek",
+    "fo": "faroese", "ht": "haitian creole", "ps": "pashto", "tk": "turkmen", "nn": "nynorsk", "mt": "maltese",
+    "sa": "sanskrit", "lb": "luxembourgish", "my": "myanmar", "bo": "tibetan", "tl": "tagalog", "mg": "malagasy",
+    "as": "assamese", "tt": "tatar", "haw": "hawaiian", "ln": "lingala", "ha": "hausa", "ba": "bashkir",
+    "jw": "javanese", "su": "sundanese", "yue": "cantonese",
+}  # fmt: skip
+
+# Other English names whisper accepts (its TO_LANGUAGE_CODE beyond the table above).
+_ALIASES: dict[str, str] = {
+    "burmese": "my", "valencian": "ca", "flemish": "nl", "haitian": "ht", "letzeburgesch": "lb", "pushto": "ps",
+    "panjabi": "pa", "moldavian": "ro", "moldovan": "ro", "sinhalese": "si", "castilian": "es", "mandarin": "zh",
+}  # fmt: skip
+
+TO_LANGUAGE_CODE: dict[str, str] = {**{name: code for code, name in LANGUAGES.items()}, **_ALIASES}
 
 # Containers tag audio tracks with ISO 639-2 codes ("fra", "ger"); whisper speaks ISO 639-1
 # ("fr", "de"). Both the bibliographic and terminological forms appear in the wild.
@@ -32,9 +66,11 @@ def normalize_language(value: str) -> str:
         return str(TO_LANGUAGE_CODE[key])
     if key in _ISO639_2_TO_WHISPER:
         return _ISO639_2_TO_WHISPER[key]
+    closest = difflib.get_close_matches(key, TO_LANGUAGE_CODE, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(closest)}? " if closest else ""
     raise ValueError(
-        f"unknown language {value!r}; use 'auto', 'track', a code like 'en' or 'fr', "
-        "or a name like 'english'"
+        f"unknown language {value!r}; {hint}use 'auto', 'track', a code like 'en' or 'fr', "
+        "or one of whisper's language names like 'english'"
     )
 
 

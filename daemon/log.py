@@ -1,5 +1,9 @@
 """structlog set-up: journald's native protocol under systemd, JSON lines in pipes, colours on a terminal.
 
+Libraries that log through the standard library (APScheduler, watchdog) and Python warnings are
+routed through structlog too, so no line bypasses the chosen format. Colours only on a terminal,
+and never when NO_COLOR is set.
+
 Under systemd (`$JOURNAL_STREAM` names our stderr) each event goes to journald as its own fields,
 so `journalctl -u whisperd -o json` shows JOB_ID, FOLDER, FILE, STAGE, RTF … and
 `journalctl -u whisperd FOLDER=lectures` filters on them. Elsewhere events are JSON lines on stderr.
@@ -14,7 +18,7 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Collection, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -85,8 +89,67 @@ class JournaldRenderer:
         raise structlog.DropEvent
 
 
-def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog once for the process; fmt is auto, json or console."""
+def colours_wanted(stream: TextIO) -> bool:
+    """Return True when console lines may carry ANSI colours: a terminal, and no NO_COLOR set."""
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    return terminal and not os.environ.get("NO_COLOR")  # https://no-color.org: any non-empty value
+
+
+class _Forward(logging.Handler):
+    """Hands records of libraries that log through stdlib logging (APScheduler, watchdog, warnings)
+    to structlog, so every line whisperd writes has one format and reaches journald as fields."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            method = getattr(structlog.get_logger(), level if level in _PRIORITY else "info")
+            fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            method("library_log", **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def route_stdlib_logging(level: str) -> None:
+    """Send stdlib logging and Python warnings through structlog from now on (once per process)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _Forward)]:
+        root.removeHandler(handler)
+    root.addHandler(_Forward())
+    # Libraries speak at INFO of their own routine (APScheduler: "Running job …" four times a
+    # second); as before any routing, only their warnings and errors are worth a line.
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+    logging.captureWarnings(True)
+
+
+def unroute_stdlib_logging() -> None:
+    """Undo route_stdlib_logging (tests)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _Forward)]:
+        root.removeHandler(handler)
+    logging.captureWarnings(False)
+
+
+def _drop(events: frozenset[str]) -> Any:
+    def processor(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if event_dict.get("event") in events:
+            raise structlog.DropEvent
+        return event_dict
+
+    return processor
+
+
+def configure(
+    fmt: str = "auto", level: str = "info", stream: TextIO | None = None, *, quiet: Collection[str] = ()
+) -> None:
+    """Configure structlog once for the process; fmt is auto, json or console.
+
+    `quiet` names events not to write: a command that reports them in its own words.
+    """
     stream = stream if stream is not None else sys.stderr
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
     processors: list[Any] = [
@@ -94,9 +157,11 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if quiet:
+        processors.insert(0, _drop(frozenset(quiet)))
     journal = None if console else journal_socket_for(stream)
     if console:
-        processors.append(structlog.dev.ConsoleRenderer())
+        processors.append(structlog.dev.ConsoleRenderer(colors=colours_wanted(stream)))
     elif journal is not None:
         processors += [structlog.processors.format_exc_info, JournaldRenderer(journal)]
     else:
@@ -107,3 +172,4 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+    route_stdlib_logging(level)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from daemon.control import JobControl
-from daemon.errors import ToolError, ToolTimeout
+from daemon.errors import ToolError, ToolMissing, ToolTimeout
 
 STDERR_TAIL_LINES = 20
 CANCEL_POLL_S = 0.5
@@ -49,6 +50,15 @@ class Limits:
 
 
 LIMIT_TOOLS = ("prlimit", "nice", "ionice")  # what `Limits.wrap` needs installed
+PIPELINE_TOOLS = ("ffmpeg", "ffprobe", *LIMIT_TOOLS)  # what processing any file needs
+
+
+def require_tools(tools: Sequence[str] = PIPELINE_TOOLS) -> None:
+    """Raise ToolMissing naming every tool not on PATH, with how to install it."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        raise ToolMissing(f"{' and '.join(missing)} not found on PATH; install ffmpeg (apt-get install "
+                          "ffmpeg); prlimit and ionice come with util-linux, nice with coreutils")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +13,12 @@ from typing import Any
 import media
 import pytest
 import structlog
+import subtitles
 import yaml
 from daemon_harness import Daemon
 from make_test_checkpoint import make_checkpoint
 
+from daemon import log as logsetup
 from daemon.config import Config, Rule, parse_config
 from daemon.journal import FileIdentity, Journal
 from daemon.models import ModelRegistry
@@ -49,6 +52,22 @@ def _reset_structlog() -> Iterator[None]:
     """Each test starts with structlog's defaults, whatever an earlier test configured."""
     yield
     structlog.reset_defaults()
+    logsetup.unroute_stdlib_logging()
+
+
+_CHECKED_SUBTITLES: dict[Path, tuple[int, int]] = {}
+
+
+@pytest.fixture(autouse=True)
+def _subtitles_a_viewer_accepts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every srt and vtt file a test makes (in-process or by a daemon it ran) is checked afterwards:
+    it parses in a real subtitle parser, and each cue has text, lasts, and follows the one before."""
+    started = time.time_ns() - 1_000_000_000  # mtimes are coarser than the clock on some file systems
+    yield
+    written = subtitles.written_since(tmp_path_factory.getbasetemp(), started, _CHECKED_SUBTITLES)
+    problems = [problem for path in written for problem in subtitles.subtitle_problems(path)]
+    if problems:
+        pytest.fail("subtitles a viewer would refuse:\n  " + "\n  ".join(problems), pytrace=False)
 
 
 @pytest.fixture(scope="session")

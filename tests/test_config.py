@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from daemon import cli
-from daemon.config import BUILTIN_IGNORES, json_schema, load_config, parse_config, parse_duration
+from daemon import cli, preflight
+from daemon.config import BUILTIN_IGNORES, json_schema, load_config, parse_config, parse_duration, validate_config
 from daemon.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,11 +37,133 @@ def _locations(err: ConfigError) -> set[str]:
 
 
 def test_example_config_validates(capsys: pytest.CaptureFixture[str]) -> None:
-    """config.example.yaml passes check-config, which prints each folder's resolved rules."""
-    assert cli.main(["check-config", str(ROOT / "config.example.yaml")]) == 0
+    """config.example.yaml passes check-config --file-only, which prints each folder's resolved rules."""
+    assert cli.main(["check-config", "--file-only", str(ROOT / "config.example.yaml")]) == 0
     out = capsys.readouterr().out
     assert "folder lectures" in out and "folder camera" in out
     assert "match 'french/*'" in out and "language=fr" in out
+    assert "match 'interviews/*'" in out and "word_timestamps=True, max_line_width=42, max_line_count=2" in out
+    # On this machine its /srv folders do not exist: checked for real, that is what it says.
+    assert cli.main(["check-config", str(ROOT / "config.example.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "folders[0].inbox: /srv/media/lectures/inbox does not exist" in err
+
+
+@pytest.fixture
+def shared_root() -> Iterator[Path]:
+    """A folder other users may enter (mode 0755, unlike pytest's own 0700 tmp_path), removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="whisperd-check-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root)
+
+
+def _check(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["check-config", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_check_config_reports_every_folder_problem_for_the_service_user(
+    shared_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Missing inboxes, an inbox below a file, folders the service user cannot write: all at once, exit 2."""
+    for sub in ("ok/in", "ok/out", "ok/archive", "ok/failed", "locked/out"):
+        (shared_root / sub).mkdir(parents=True)
+    for sub in ("ok", "ok/in", "ok/out", "ok/archive", "ok/failed"):
+        (shared_root / sub).chmod(0o777)
+    (shared_root / "locked").chmod(0o755)
+    (shared_root / "locked" / "out").chmod(0o755)
+    (shared_root / "a-file").write_text("")
+    roles = {"outbox": "ok/out", "archive": "ok/archive", "failed": "ok/failed"}
+    config = shared_root / "config.yaml"
+    config.write_text(yaml.safe_dump({"folders": [
+        {"name": "gone", "inbox": "missing/in", **roles},
+        {"name": "below-a-file", "inbox": "a-file/in", **roles},
+        {"name": "locked", "inbox": "ok/in", **roles, "outbox": "locked/out"},
+    ]}))  # fmt: skip
+    code, out, err = _check(capsys, str(config), "--as-user", "nobody")
+    assert code == 2
+    assert out.splitlines()[0] == f"{config}: 3 problem(s), 3 folder(s)"
+    owner = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
+    assert err.splitlines() == [
+        f"  folders[0].inbox: {shared_root}/missing/in does not exist",
+        f"  folders[1].inbox: {shared_root}/a-file/in cannot exist: {shared_root}/a-file is not a folder",
+        f"  folders[2].outbox: user nobody cannot read and write in {shared_root}/locked/out "
+        f"(owner {owner}, mode drwxr-xr-x)",
+    ]
+    assert "folder locked:" in out  # the file itself is valid: its rules are still shown
+
+
+def test_check_config_and_run_refuse_an_empty_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty file or one without folders is an error: `run` would have nothing to watch."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    code, out, err = _check(capsys, str(empty))
+    assert code == 2 and "folders: no folders configured" in err and out.startswith(f"{empty}: 1 problem(s)")
+    assert cli.main(["run", "--config", str(empty)]) == 2
+    assert "folders: no folders configured: whisperd run has nothing to watch" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(cli.DEFAULT_CONFIG.exists(), reason="this machine has a real /etc/whisperd/config.yaml")
+def test_run_and_check_config_read_the_default_config_like_the_other_commands(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without --config, `run` and `check-config` read /etc/whisperd/config.yaml, as status and jobs do."""
+    for argv in (["run"], ["check-config"], ["status"]):
+        assert cli.main(argv) == 2, argv
+        assert "cannot read /etc/whisperd/config.yaml" in capsys.readouterr().err, argv
+
+
+def test_run_refuses_to_start_when_an_inbox_cannot_be_watched(tmp_path: Path) -> None:
+    """`whisperd run` with a missing inbox exits 2 naming it and creates nothing (it may be an unmounted share)."""
+    folder = _folder(tmp_path, "a")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "folders": [folder]}))
+    proc = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 2
+    assert f"folders[0].inbox: {folder['inbox']} does not exist" in proc.stderr
+    assert "--allow-missing" in proc.stderr
+    assert not Path(folder["inbox"]).exists() and not (tmp_path / "state").exists()
+
+
+def test_an_events_inbox_on_a_network_share_is_a_warning(tmp_path: Path) -> None:
+    """`watch: events` on an NFS or SMB mount gets a warning (inotify misses other machines' writes); poll does not.
+
+    No network share can be mounted here: the mount table is real mountinfo text naming one.
+    """
+    share = tmp_path / "share"
+    (share / "in").mkdir(parents=True)
+    mountinfo = (
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        f"95 22 0:52 / {share} rw,relatime shared:50 - nfs4 nas:/export/media rw,vers=4.2\n"
+    )
+    mounts = preflight.parse_mountinfo(mountinfo)
+    assert [(m.point, m.fstype, m.source) for m in mounts] == [
+        (Path("/"), "ext4", "/dev/sda1"), (share, "nfs4", "nas:/export/media"),
+    ]
+    user = preflight.User.current()
+    checked = validate_config({"folders": [
+        {"name": "events", "inbox": str(share / "in"), "outbox": str(tmp_path / "o"), "failed": str(tmp_path / "f"),
+         "archive": str(tmp_path / "a")},
+        {"name": "poll", "inbox": str(share / "in2"), "outbox": str(tmp_path / "o2"), "failed": str(tmp_path / "f2"),
+         "archive": str(tmp_path / "a2"), "watch": "poll"},
+    ]})  # fmt: skip
+    events, polled = (preflight.check_folder(folder, user, mounts) for folder in checked.folders)
+    [warning] = [f for f in events if f.location == "folders[0].watch"]
+    assert warning.level == "warning" and "nfs4 nas:/export/media" in warning.message
+    assert "use watch: poll" in warning.message
+    assert not [f for f in polled if f.location.endswith(".watch")]
+    # This machine's own mount table: tmp_path is on a local disk, so no warning.
+    assert not [f for f in preflight.check_folders(checked.folders[:1], user) if f.location.endswith(".watch")]
+
+
+def test_mount_points_with_spaces_are_read_from_their_escapes() -> None:
+    """mountinfo writes a space in a mount point as \\040; the inbox below it is still matched to its share."""
+    [mount] = preflight.parse_mountinfo("95 22 0:52 / /mnt/team\\040share rw - cifs //nas/team rw\n")
+    assert mount.point == Path("/mnt/team share")
+    assert preflight.mount_of(Path("/mnt/team share/inbox"), [mount]) == mount
 
 
 def test_every_mistake_is_reported_with_its_location(tmp_path: Path) -> None:
@@ -76,7 +206,71 @@ def test_check_config_exits_nonzero_and_prints_problems(
     path.write_text(yaml.safe_dump({"device": "gpu", "folders": [{"name": "x"}]}))
     assert cli.main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "device:" in err and "folders[0].inbox: Field required" in err
+    assert "device:" in err and "folders[0].inbox: required" in err
+
+
+def test_a_missing_required_field_hides_no_other_problem(tmp_path: Path) -> None:
+    """A folder without an inbox still gets its other mistakes reported, and the other folders theirs."""
+    data = {
+        "defaults": {"model": "turbo"},
+        "folders": [
+            {"name": "a", "outbox": "/o", "failed": "/f", "archive": "/a", "task": "translate", "ouptut_name": "x"},
+            {"name": "b", "inbox": "/i", "outbox": "/o2", "failed": "/f2"},  # no archive for on_success: archive
+        ],
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert _locations(caught.value) == {
+        "folders[0].inbox", "folders[0].ouptut_name", "folders[0]", "folders[1].archive",
+    }
+    assert "folders[0].inbox: required: folder to watch" in str(caught.value)
+
+
+def test_inherited_problems_are_reported_once_where_written(tmp_path: Path) -> None:
+    """A mistake in defaults is reported there once, not again for every folder and rule inheriting it."""
+    data = {
+        "defaults": {"max_line_width": 42, "model": "nonesuch"},
+        "folders": [
+            _folder(tmp_path, "a", rules=[{"match": "*.mp3", "language": "fr"}, {"match": "*.wav"}]),
+            _folder(tmp_path, "b", model="base", max_words_per_line=3),
+        ],
+    }  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert [str(p) for p in caught.value.problems] == [
+        "defaults: max_line_width need(s) word_timestamps: true",
+        "defaults.model: unknown model 'nonesuch'; available: tiny.en, tiny, base.en, base, small.en, small, "
+        "medium.en, medium, large-v1, large-v2, large-v3, large, large-v3-turbo, turbo, or a path to a whisper "
+        ".pt file, a Hugging Face Whisper folder or a CTranslate2 Whisper folder",
+        # folder b adds a mistake of its own; the inherited one is not repeated there
+        "folders[1]: max_line_width, max_words_per_line need(s) word_timestamps: true",
+        "folders[1]: max_words_per_line and max_line_width cannot be combined (whisper uses one)",
+    ]
+
+
+def test_problems_are_in_plain_words_with_did_you_mean(tmp_path: Path) -> None:
+    """Misspelt keys and values get "did you mean", patterns are said in words, misplaced keys where they go."""
+    data = {
+        "device": "gpu",
+        "log_levl": "info",
+        "model_mirror": "ftp://mirror",
+        "defaults": {"watch": "poll", "tempreature": 0},
+        "folders": [_folder(tmp_path, "a b", watch="pol", rules=[{"match": "*", "langauge": "fr"}])],
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    messages = {p.location: p.message for p in caught.value.problems}
+    assert messages == {
+        "device": "must be auto, cpu, cuda or cuda:N (a GPU's index, e.g. cuda:1), not 'gpu'",
+        "log_levl": "unknown key 'log_levl'; did you mean 'log_level'?",
+        "model_mirror": "must be a URL starting with http://, https:// or file://, not 'ftp://mirror'",
+        "defaults.watch": "unknown key 'watch' here: it belongs to a folder",
+        "defaults.tempreature": "unknown key 'tempreature'; did you mean 'temperature'?",
+        "folders[0].name": "must start with a letter or digit and hold only letters, digits, '_', '.' and '-', "
+                           "not 'a b'",
+        "folders[0].watch": "must be 'events' or 'poll', not 'pol'; did you mean 'poll'?",
+        "folders[0].rules[0].langauge": "unknown key 'langauge'; did you mean 'language'?",
+    }
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:

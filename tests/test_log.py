@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import struct
+import time
+import warnings
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 import structlog
@@ -88,3 +93,71 @@ def test_journald_away_falls_back_to_stderr(tmp_path: Path, monkeypatch: pytest.
         logsetup.configure("auto", "info", stream)
         structlog.get_logger().warning("job_retry", job_id=1)
     assert json.loads((tmp_path / "stderr.log").read_text())["event"] == "job_retry"
+
+
+def _pty_stream() -> tuple[TextIO, int]:
+    """Return a text stream on a pseudo-terminal's slave side (a real terminal), and the master fd."""
+    master, slave = os.openpty()
+    return open(slave, "w", buffering=1, encoding="utf-8"), master
+
+
+def _read_all(master: int) -> str:
+    os.set_blocking(master, False)
+    chunks = []
+    with contextlib.suppress(BlockingIOError, OSError):
+        while chunk := os.read(master, 65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_console_colours_only_on_a_terminal_and_never_with_no_color(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Console lines are coloured on a terminal; redirected to a file, or with NO_COLOR set, they are plain."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    with open(tmp_path / "console.log", "w") as stream:
+        logsetup.configure("console", "info", stream)
+        structlog.get_logger().info("job_done", job_id=1)
+    plain = (tmp_path / "console.log").read_text()
+    assert "job_done" in plain and "\x1b[" not in plain
+
+    for no_color, coloured in ((None, True), ("1", False)):
+        if no_color is None:
+            monkeypatch.delenv("NO_COLOR", raising=False)
+        else:
+            monkeypatch.setenv("NO_COLOR", no_color)
+        terminal, master = _pty_stream()
+        with terminal:
+            logsetup.configure("auto", "info", terminal)
+            structlog.get_logger().info("job_done", job_id=1)
+        shown = _read_all(master)
+        os.close(master)
+        assert "job_done" in shown and ("\x1b[" in shown) == coloured, (no_color, shown)
+
+
+def test_library_warnings_go_through_structlog(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """APScheduler's "Run time of job … was missed" and Python warnings arrive as JSON events, not raw lines."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    with open(tmp_path / "out.log", "w") as stream:
+        logsetup.configure("json", "info", stream)
+        scheduler = BackgroundScheduler(timezone=timezone.utc)
+        # A wake-up whose time passed while the process was down, as at a restart.
+        scheduler.add_job(print, "date", run_date=datetime.now(timezone.utc) - timedelta(seconds=30),
+                          misfire_grace_time=1)
+        scheduler.start()
+        deadline = time.monotonic() + 10
+        while "was missed" not in (tmp_path / "out.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        scheduler.shutdown()
+        warnings.warn("a library's deprecation", DeprecationWarning, stacklevel=1)
+    events = [json.loads(line) for line in (tmp_path / "out.log").read_text().splitlines()]
+    missed = [e for e in events if "was missed" in e.get("message", "")]
+    assert [(e["event"], e["level"], e["logger"]) for e in missed] == [
+        ("library_log", "warning", "apscheduler.executors.default")
+    ]
+    assert any(e["logger"] == "py.warnings" and "a library's deprecation" in e["message"] for e in events)
+    # Their routine INFO lines ("Adding job", "Scheduler started") stay out, as before.
+    assert all(e["level"] != "info" for e in events if e["event"] == "library_log")
+    captured = capfd.readouterr()
+    assert "was missed" not in captured.err + captured.out

@@ -15,7 +15,8 @@ import pytest
 from conftest import MediaSet
 from daemon_harness import Daemon, drop_file, files_under
 
-from daemon.journal import JobState
+from daemon import operations
+from daemon.journal import FileIdentity, JobState, open_journal
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +51,18 @@ def test_retry_requeues_a_failed_file_once_its_cause_is_fixed(
     assert (done.id, done.state, done.attempts) == (failed.id, JobState.DONE, 0)
     assert files_under(daemon.folder("failed")) == []
     assert files_under(daemon.folder("outbox")) == ["talks/talk.srt", "talks/talk.txt"]
+
+    again = whisperd(daemon, "retry", str(done.id))  # a job that is not failed: its state, not "no match"
+    assert again.returncode == 1
+    assert again.stderr.splitlines() == [
+        f"not retried: #{done.id} media/talks/talk.mp4: not failed: it is done (to process it again: "
+        "whisperd enqueue FILE)"
+    ]
+    listed = whisperd(daemon, "jobs").stdout.splitlines()
+    assert listed[0].split() == ["ID", "STATE", "UPDATED", "TRIES", "FILE"]
+    # The try that succeeded counts: done at the first try after the retry is 1, not 0.
+    assert listed[1].split()[:2] == [str(done.id), "done"] and listed[1].split()[4:] == ["1", "media/talks/talk.mp4"]
+    assert json.loads(whisperd(daemon, "jobs", "--json").stdout)[0]["attempts"] == 1
     assert daemon.stop() == 0
 
 
@@ -57,7 +70,7 @@ def test_retry_names_what_it_cannot_find(make_daemon: Callable[..., Daemon]) -> 
     """Retrying a job that does not exist fails with a message and changes nothing."""
     daemon = make_daemon().start()
     result = whisperd(daemon, "retry", "999")
-    assert result.returncode == 1 and "no failed job matches: 999" in result.stderr
+    assert result.returncode == 1 and "no job matches: 999" in result.stderr
     result = whisperd(daemon, "retry")
     assert result.returncode == 1 and "--folder NAME" in result.stderr
     assert daemon.stop() == 0
@@ -92,18 +105,51 @@ def test_enqueue_list_with_per_item_language_and_task(
     assert daemon.stop() == 0
 
 
-def test_enqueue_refuses_bad_items_and_queues_nothing(
+def test_enqueue_queues_the_valid_paths_and_lists_the_others(
     make_daemon: Callable[..., Daemon], media_set: MediaSet, tmp_path: Path
 ) -> None:
-    """An unknown language or a file outside every inbox without --folder: every problem reported, nothing queued."""
-    daemon = make_daemon().start()
+    """Among bad items (an unknown language, a missing file, a file outside every inbox) the valid one is
+    queued all the same; each bad one is listed with its reason, and the command exits 1."""
+    daemon = make_daemon({"stability_delay": 3600}).start()  # only `enqueue` queues here, not the watcher
+    assert whisperd(daemon, "jobs").stdout == "no jobs in the journal yet\n"
     outside = Path(shutil.copyfile(media_set.speech_mp4, tmp_path / "outside.mp4"))
-    listing = json.dumps({"path": str(outside), "language": "klingon"})
-    result = whisperd(daemon, "enqueue", "--list", "-", str(tmp_path / "missing.mp4"), stdin=listing)
+    good, klingon = (daemon.folder("inbox") / name for name in ("good.mp4", "klingon.mp4"))
+    for path in (good, klingon):
+        shutil.copyfile(media_set.speech_mp4, path)
+    listing = json.dumps({"path": str(klingon), "language": "klingon"})
+    result = whisperd(daemon, "enqueue", str(tmp_path / "missing.mp4"), str(outside), str(good), "--list", "-",
+                      stdin=listing)  # fmt: skip
     assert result.returncode == 1
-    assert "missing.mp4: not a regular file" in result.stderr
-    assert "outside.mp4: outside every inbox" in result.stderr
-    result = whisperd(daemon, "enqueue", "--list", "-", "--folder", "media", stdin=listing)
-    assert result.returncode == 1 and "unknown language 'klingon'" in result.stderr
-    assert daemon.jobs() == [] and files_under(daemon.folder("inbox")) == []
+    assert result.stderr.splitlines() == [
+        f"not queued: {tmp_path / 'missing.mp4'}: not a regular file",
+        f"not queued: {outside}: outside every inbox; give --folder NAME to copy it into one",
+        f"not queued: {klingon}: language: unknown language 'klingon'; did you mean lingala, ukrainian, "
+        "mongolian? use 'auto', 'track', a code like 'en' or 'fr', or one of whisper's language names like 'english'",
+    ]
+    assert result.stdout.startswith("queued: #") and result.stdout.rstrip().endswith("media/good.mp4")
+    [job] = daemon.wait_done(1)
+    assert (job.rel_path, job.state) == ("good.mp4", JobState.DONE)
+    assert whisperd(daemon, "jobs", "--state", "failed").stdout == "no jobs match these filters\n"
     assert daemon.stop() == 0
+
+
+def test_tries_count_as_they_happened_and_an_earlier_error_is_named_so(tmp_path: Path) -> None:
+    """`jobs` shows the try a job is on or succeeded at; while it runs, the last try's error is
+    `previous_error`, not its error."""
+    journal = open_journal(tmp_path / "state")
+    journal.enqueue(FileIdentity("media", "talk.mp4", 1, 1), priority=0, now=1.0, skip_if_done=False)
+    job = journal.claim(["media"], now=2.0, owner="host:1")
+    assert job is not None and operations.job_view(job, 2.0)["attempts"] == 1  # the first try, running
+    journal.mark_retry(job.id, "ffmpeg timed out", "extract", now=3.0, due=4.0)
+    waiting = operations.job_view(journal.get(job.id), 3.0)  # type: ignore[arg-type]
+    assert (waiting["state"], waiting["attempts"], waiting["error"]) == ("retry_wait", 1, "ffmpeg timed out")
+    again = journal.claim(["media"], now=5.0, owner="host:1")
+    assert again is not None
+    running = operations.job_view(again, 5.0)
+    assert (running["attempts"], running["previous_error"], running["previous_stage"]) == (2, "ffmpeg timed out",
+                                                                                            "extract")
+    assert "error" not in running
+    journal.mark_done(again.id, None, now=6.0)
+    done = journal.get(again.id)
+    assert done is not None and operations.job_view(done, 6.0)["attempts"] == 2  # succeeded at the second try
+    assert operations.format_jobs([done]).splitlines()[1].split()[4] == "2"

@@ -98,8 +98,8 @@ def test_layout_options_reach_whispers_writer(
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
     """A writer that fails halfway leaves the previous file intact and no temp file behind."""
-    target = tmp_path / "talk.srt"
-    target.write_text("old subtitles\n")
+    target = tmp_path / "talk.txt"
+    target.write_text("old transcript\n")
 
     def half_then_crash(handle: Any) -> None:
         handle.write("partial")
@@ -107,8 +107,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
 
     with pytest.raises(RuntimeError):
         atomic_write_text(target, half_then_crash)
-    assert target.read_text() == "old subtitles\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["talk.srt"]
+    assert target.read_text() == "old transcript\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["talk.txt"]
 
 
 def test_unwritable_outbox_is_transient(
@@ -266,3 +266,22 @@ def test_publish_overwrites_previous_outputs_in_place(
     publish(result.transcript, rule, tmp_path, "speech")
     assert [p.name for p in tmp_path.iterdir()] == ["speech.txt"]
     assert (tmp_path / "speech.txt").read_text() != "stale"
+
+
+def test_every_pipeline_event_names_the_file_as_the_caller_does(
+    media_set: MediaSet, fast_rule: Callable[..., Rule], engine: WhisperEngine, tmp_path: Path
+) -> None:
+    """The stage events carry the caller's name for the file (the worker's inbox-relative path), so
+    `journalctl FILE=talks/talk.mp4` finds them all; without one, the path it was opened by."""
+    from structlog.testing import capture_logs
+
+    rule = fast_rule(output_formats=["txt"])
+    with capture_logs() as named:
+        process_file(media_set.speech_mp4, rule, engine, SETTINGS, target_dir=tmp_path / "a", name="talks/talk.mp4")
+    with capture_logs() as unnamed:
+        process_file(media_set.speech_mp4, rule, engine, SETTINGS, target_dir=tmp_path / "b")
+    stages = ["probed", "extracted", "transcribed", "published"]
+    assert [(e["event"], e["file"]) for e in named if e["event"] in stages] == [(s, "talks/talk.mp4") for s in stages]
+    assert [(e["event"], e["file"]) for e in unnamed if e["event"] in stages] == [
+        (s, str(media_set.speech_mp4)) for s in stages
+    ]

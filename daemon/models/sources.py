@@ -57,11 +57,17 @@ def is_path_setting(setting: str) -> bool:
     return setting.endswith(".pt") or "/" in setting
 
 
+# whisper.available_models() (whisper 20250625), copied so that validating a config imports neither
+# whisper nor torch; tests/test_languages.py checks the copy against the installed whisper.
+NAMED_MODELS = (
+    "tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
+    "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo",
+)  # fmt: skip
+
+
 def named_models() -> list[str]:
     """Return the OpenAI model names whisper knows."""
-    import whisper
-
-    return list(whisper.available_models())
+    return list(NAMED_MODELS)
 
 
 def identify(setting: str) -> ModelSource:
@@ -75,6 +81,11 @@ def identify(setting: str) -> ModelSource:
         )
     path = Path(setting)
     if path.is_file():
+        from daemon.models.ptdims import looks_like_checkpoint
+
+        if not looks_like_checkpoint(path):
+            raise ModelError(f"{path}: not a whisper checkpoint torch can read: not a file torch wrote "
+                             "(neither its zip format nor a pickle)")
         return ModelSource(setting, "checkpoint", path)
     if path.is_dir():
         from daemon.models.hf import is_hf_folder
@@ -113,8 +124,8 @@ def facts(setting: str) -> ModelFacts | None:
     stat = source.path.stat()
     try:
         return _path_facts(str(source.path), source.kind, stat.st_size, stat.st_mtime_ns)
-    except (ModelError, OSError, ValueError, KeyError):
-        return None  # loading will report what is wrong, with more detail
+    except Exception:  # not a checkpoint (torch raises RuntimeError, UnpicklingError …): loading will
+        return None  # report what is wrong, with more detail
 
 
 @lru_cache(maxsize=64)
@@ -131,9 +142,13 @@ def _path_facts(path_text: str, kind: Kind, _size: int, _mtime_ns: int) -> Model
         vocab = int(config["vocab_size"])
         layers = (int(config["encoder_layers"]), int(config["decoder_layers"]))
     else:
-        import torch
+        from daemon.models.ptdims import read_dims
 
-        dims = torch.load(path, map_location="meta", weights_only=True, mmap=True)["dims"]
+        dims = read_dims(path)  # without importing torch: config checks must start fast
+        if dims is None:
+            import torch
+
+            dims = torch.load(path, map_location="meta", weights_only=True, mmap=True)["dims"]
         vocab = int(dims["n_vocab"])
         layers = (int(dims["n_audio_layer"]), int(dims["n_text_layer"]))
     return ModelFacts(multilingual=vocab >= MULTILINGUAL_VOCAB, translates=layers != TURBO_LAYERS)

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ def process_file(
     control: JobControl | None = None,
     work_dir: Path | None = None,
     on_stage: Callable[[str], None] | None = None,
+    name: str | None = None,
 ) -> FileResult:
     """Return the result of running the whole pipeline on one file; outputs go to target_dir.
 
@@ -79,6 +80,9 @@ def process_file(
     publishing fails for a reason that may pass (a full outbox), the transcript stays there, and the
     next attempt on the same file and rule publishes it instead of transcribing again; otherwise the
     folder is removed at the end.
+
+    `name` is what every event calls the file, so its events share one `file` with the caller's
+    (the worker's inbox-relative path); by default the name the source is known by.
     Raises MediaError (permanent) or TransientError (retry later) with the stage filled in, and
     JobCancelled once `control` is cancelled (tools are killed; whisper stops between windows).
     """
@@ -87,7 +91,8 @@ def process_file(
     keep = False
     try:
         return _run_stages(opened, rule, engine, settings, target_dir, stem, progress, control, work,
-                           on_stage or (lambda _stage: None))
+                           on_stage or (lambda _stage: None),
+                           name if name is not None else names.escape(str(opened.display)))
     except JobError as err:
         if err.path is None:
             err.path = opened.display  # stages deeper down (publish, transcribe) do not know the file
@@ -111,10 +116,11 @@ def _run_stages(
     control: JobControl | None,
     work_dir: Path,
     on_stage: Callable[[str], None],
+    name: str,
 ) -> FileResult:
     stem = stem if stem is not None else source.display.stem
     timings: dict[str, float] = {}
-    bound = log.bind(file=str(source.display))
+    bound = log.bind(file=name)
 
     on_stage("probe")
     started = time.monotonic()
@@ -145,7 +151,8 @@ def _run_stages(
     on_stage("transcribe")
     started = time.monotonic()
     try:
-        transcript = engine.transcribe(audio, rule, _checked(progress, control))
+        transcript = replace(engine.transcribe(audio, rule, _checked(progress, control)),
+                             audio_offset_s=audio.offset_s)
     finally:
         if isinstance(audio.samples, SampleFile):
             audio.samples.close()
@@ -169,7 +176,7 @@ def _publish(
 ) -> FileResult:
     on_stage("publish")
     started = time.monotonic()
-    outputs = publish(transcript, rule, target_dir, stem)
+    outputs = publish(transcript, rule, target_dir, stem, end_s=transcript.end_s)
     timings["publish"] = time.monotonic() - started
     bound.debug("published", stage="publish", outputs=[names.escape(str(p)) for p in outputs],
                 duration_s=round(timings["publish"], 3))
