@@ -35,6 +35,7 @@ from daemon.models import ModelRegistry, is_path_setting, source_problem
 from daemon.operations import OperationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a command that SIGPIPE ended
 DEFAULT_CONFIG = Path("/etc/whisperd/config.yaml")
 
 
@@ -103,6 +104,14 @@ def build_parser() -> _Parser:
     e.add_argument("--folder", help="copy files from outside every inbox into this folder's inbox")
     e.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help=config_help)
 
+    for verb, what in (("pause", "stop claiming new files (the running one finishes; files are still watched "
+                                  "and queued), e.g. to lend the GPU to another service"),
+                       ("resume", "claim files again after `whisperd pause`")):
+        pr = sub.add_parser(verb, help=what)
+        pr.add_argument("--folder", action="append", metavar="NAME",
+                        help=f"{verb} only this folder (repeatable; default: every folder)")
+        pr.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help=config_help)
+
     m = sub.add_parser("models", help="list the configured models: kind, where on disk, resident in a daemon; "
                        "or pull / import one ahead of time")
     m.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help=config_help)
@@ -153,11 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "jobs": cmd_jobs,
         "retry": cmd_retry,
         "enqueue": cmd_enqueue,
+        "pause": cmd_pause,
+        "resume": cmd_pause,
         "config-schema": cmd_config_schema,
         "models": cmd_models,
     }[args.command]
     try:
         return handler(args)
+    except BrokenPipeError:
+        # The reader went away (`whisperd status | head -3`): stop quietly, as ls or cat do. Python
+        # would still flush stdout at exit and print a traceback; point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigError as err:
         print(f"whisperd: invalid configuration: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -188,9 +204,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from daemon.service import Service  # torch and whisper: only once the daemon will really start
 
-    # Passed only when asked for, so a service without that parameter still runs every other start.
-    options = {"allow_missing": True} if args.allow_missing else {}
-    return Service(args.config, **options).run()
+    # With --allow-missing the service pauses those folders: its health check finds the missing inbox
+    # (the reason shows in status), and each rescan tries to watch it again.
+    return Service(args.config).run()
 
 
 def _checked_folders(config: Config) -> list[CheckedFolder]:
@@ -244,6 +260,21 @@ def _report(outcome: Any, verb: str, not_done: str) -> int:
     for line in outcome.skipped:
         print(names.printable(f"{not_done}: {line}"), file=sys.stderr)
     return EXIT_OK if not outcome.skipped else EXIT_FAILED
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    """Pause or resume claiming work, for every folder or the ones named (the daemon reads it from the journal)."""
+    from daemon import operations
+
+    config = load_config(args.config)
+    unknown = [name for name in args.folder or () if name not in config.folders]
+    if unknown:
+        raise UsageError(f"no folder named {', '.join(unknown)} in {args.config} "
+                         f"(folders: {', '.join(config.folders) or 'none'})")
+    journal = operations.open_daemon_journal(config)
+    for line in operations.pause(journal, args.folder or ["*"], resume=args.command == "resume"):
+        print(names.printable(line))
+    return EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:

@@ -123,7 +123,9 @@ class Service:
                                max_instances=1, coalesce=True)
         self.scheduler.add_job(self._prune, "interval", seconds=PRUNE_EVERY_S, id="prune", max_instances=1,
                                coalesce=True, next_run_time=datetime.now(timezone.utc))
-        self.scheduler.add_job(self._unload_idle_models, "interval", seconds=IDLE_UNLOAD_CHECK_S, id="unload",
+        idle_s = self.config.settings.model_idle_unload
+        unload_every = min(IDLE_UNLOAD_CHECK_S, max(idle_s / 2, 1.0)) if idle_s > 0 else IDLE_UNLOAD_CHECK_S
+        self.scheduler.add_job(self._unload_idle_models, "interval", seconds=unload_every, id="unload",
                                max_instances=1, coalesce=True)
         ping_every = watchdog_interval()
         if ping_every is not None:
@@ -149,7 +151,7 @@ class Service:
             watcher.start()
         except OSError as err:
             # An unmounted share must not stop the other folders; the rescan retries it.
-            log.error("watch_failed", folder=name, inbox=str(watcher.folder.inbox), error=str(err))
+            log.warning("watch_failed", folder=name, inbox=str(watcher.folder.inbox), error=str(err))
 
     def _reconcile_processing_areas(self) -> None:
         """Return originals that no active job owns from processing areas to their inboxes.
@@ -311,7 +313,8 @@ class Service:
         counts = self.journal.counts()
         if any(by_state.get(state.value, 0) for by_state in counts.values() for state in JobState.active()):
             return
-        self.registry.unload_idle(idle_s)
+        if self.registry.unload_idle(idle_s):
+            self._health_changed()  # status and the STATUS line say the memory is free now
 
     def _prune(self) -> None:
         """Remove finished jobs older than the retention from the journal."""

@@ -219,8 +219,12 @@ class FolderWatcher:
         return self._observer is not None and self._observer.is_alive()
 
     def start(self) -> None:
-        """Create the inbox if needed and start observing it (inotify, or polling)."""
-        self.folder.inbox.mkdir(parents=True, exist_ok=True)
+        """Start observing the inbox (inotify, or polling); OSError when it cannot be watched.
+
+        A missing inbox is never created: that would hide an unmounted share behind an empty folder.
+        """
+        if not self.folder.inbox.is_dir():
+            raise FileNotFoundError(f"the inbox {self.folder.inbox} is missing or not a folder")
         # Polling for network shares: inotify never hears about other machines' writes.
         observer: BaseObserver = (
             PollingObserver(timeout=self.folder.poll_interval) if self.folder.watch == "poll" else Observer()

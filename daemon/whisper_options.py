@@ -18,7 +18,7 @@ from daemon.config import OUTPUT_FORMATS, RULE_FIELDS, Rule, parse_duration
 
 FORMAT_CHOICES = (*OUTPUT_FORMATS, "all")
 FORMAT_FLAGS = ("-f", "--output-format", "--output_format")
-ENGINES = ("sequential",)
+ENGINES = ("auto", "batched", "sequential")
 DEFAULT_TEMPERATURE_INCREMENT = 0.2  # whisper's --temperature_increment_on_fallback
 
 # whisper CLI options whisperd does not take, with the reason a user gets instead of "unrecognized".
@@ -135,8 +135,10 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
                    "model_dir, else ~/.cache/whisper)")
     t.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's, else auto)")
     t.add_argument("--threads", type=optional_int, help="torch CPU threads; 0 keeps torch's default")
-    t.add_argument("--engine", choices=ENGINES, default="sequential",
-                   help="how files reach the model: 'sequential', one file after another, is the only engine today")
+    t.add_argument("--engine", choices=ENGINES, default=argparse.SUPPRESS,
+                   help="'batched': windows cut at pauses, decoded together (greedy, each window on its own); "
+                   "'sequential': whisper's transcribe(); 'auto' (the default) picks batched when neither "
+                   "--beam_size nor --condition_on_previous_text True asks for sequential")
     t.add_argument("--clip-timestamps", "--clip_timestamps", type=clip_timestamps, default=(),
                    help="only these stretches, as whisper takes them: start,end,start,end,… in seconds on the "
                    "file's timeline; a missing last end means the end of the file; 0 means all of it")

@@ -191,6 +191,7 @@ class Worker:
                     control=self.control,
                     work_dir=work_dir(config.settings.state_dir, job.id),
                     on_stage=lambda stage: self.journal.set_stage(job.id, stage, now=self.clock()),
+                    name=job.rel_path,  # every event names the file as the job events do
                 )  # fmt: skip
                 self.journal.mark_published(job.id, [names.escape(str(p)) for p in result.outputs],
                                             result.timings, now=self.clock(), warning=result.warning,

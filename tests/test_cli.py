@@ -179,7 +179,7 @@ def test_whisper_option_spellings_and_dashed_ones_mean_the_same() -> None:
         "word_timestamps": True, "max_line_width": 40, "max_line_count": 2, "max_words_per_line": 4,
         "highlight_words": True, "initial_prompt": "Bonjour.", "beam_size": None, "best_of": 3,
         "condition_on_previous_text": False, "no_speech_threshold": None, "compression_ratio_threshold": 2.0,
-        "logprob_threshold": -0.5, "hallucination_silence_threshold": 2.0,
+        "logprob_threshold": -0.5, "hallucination_silence_threshold": 2.0, "engine": "sequential",
         # whisper's --temperature T means T, then its fallback in steps of 0.2 up to 1.0
         "temperature": (0.2, 0.4, 0.6, 0.8, 1.0),
     }  # fmt: skip
@@ -217,7 +217,8 @@ def test_every_option_of_every_command_has_help() -> None:
         (["--folder", "lectures"], "--folder needs --config"),
         (["--temperature", "3"], "--temperature: Input should be less than or equal to 1"),
         (["--task", "translate", "--model", "turbo"], "turbo model is not trained to translate"),
-        (["--engine", "batched"], "argument --engine: invalid choice: 'batched'"),
+        (["--engine", "fastest"], "argument --engine: invalid choice: 'fastest'"),
+        (["--engine", "batched", "--beam_size", "5"], "engine: batched decodes greedily"),
     ],
 )
 def test_a_mistaken_command_line_exits_2_once_before_any_file(

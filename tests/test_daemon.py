@@ -209,7 +209,8 @@ def test_an_unusable_outbox_pauses_the_folder_and_fails_no_file(
     assert files_under(daemon.folder("inbox")) == ["talk.mp4"]  # never taken
     status = subprocess.run([sys.executable, "-m", "daemon", "status", "--config", str(daemon.config_path)],
                             capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    assert f"paused: media: the outbox {outbox} is not a folder" in status
+    assert ("\nmedia: 1 queued, 0 running, 0 retrying, 0 done and 0 failed in 24 h; "
+            f"paused: the outbox {outbox} is not a folder") in status
     outbox.unlink()
     [done] = daemon.wait_done(1, timeout=60)
     assert (done.state, done.attempts) == (JobState.DONE, 0)

@@ -156,7 +156,9 @@ def test_status_json_shows_the_running_job_its_progress_and_the_queue(
     assert report["folders"]["media"]["running"] == 1 and report["folders"]["media"]["queued"] == 2
     text = subprocess.run([sys.executable, "-m", "daemon", "status", "--config", str(daemon.config_path)],
                           capture_output=True, text=True, timeout=30, check=True).stdout
-    assert text.startswith("media: ") and "\nrunning: " in text and "\nqueued: " in text
+    assert text.startswith("daemon: running (") and "\nmedia: 2 queued, 1 running" in text
+    assert "\nrunning: " in text and "\nqueued: " in text
+    assert report["daemon"]["state"] == "running" and report["daemon"]["instances"][0]["pid"] == daemon.pid
     daemon.signal(signal.SIGKILL)
 
 

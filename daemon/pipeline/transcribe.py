@@ -63,6 +63,12 @@ class Transcript:
     task: str
     model: str
     audio_duration_s: float
+    audio_offset_s: float = 0.0  # where the audio starts on the container's timeline (a delayed track)
+
+    @property
+    def end_s(self) -> float:
+        """Return where the audio ends on the container's timeline: no cue may end later."""
+        return self.audio_offset_s + self.audio_duration_s
 
     def to_whisper_result(self) -> dict[str, Any]:
         """Return whisper's own result dict, the shape its writers and its JSON output use."""
@@ -85,14 +91,15 @@ class Transcript:
     def to_dict(self) -> dict[str, Any]:
         """Return the transcript as plain data (kept between attempts, see `from_dict`)."""
         return {**self.to_whisper_result(), "task": self.task, "model": self.model,
-                "audio_duration_s": self.audio_duration_s}
+                "audio_duration_s": self.audio_duration_s, "audio_offset_s": self.audio_offset_s}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Transcript:
         """Return the transcript `to_dict` gave."""
         return cls(text=str(data["text"]), language=str(data["language"]),
                    segments=tuple(_segment(raw, 0.0) for raw in data["segments"]), task=str(data["task"]),
-                   model=str(data["model"]), audio_duration_s=float(data["audio_duration_s"]))
+                   model=str(data["model"]), audio_duration_s=float(data["audio_duration_s"]),
+                   audio_offset_s=float(data.get("audio_offset_s", 0.0)))
 
 
 def _segment(raw: dict[str, Any], offset: float) -> Segment:
