@@ -64,6 +64,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -90,7 +91,7 @@ from bench.variants import (  # noqa: E402
     whisperd_extra_options,
     whisperd_rule,
 )
-from bench.weights import Weights, describe, prepare  # noqa: E402
+from bench.weights import Weights, describe  # noqa: E402
 
 BATCHED_ENTRY = "daemon.engine.batched:transcribe_files"
 
@@ -207,7 +208,8 @@ class Bench:
         self.cuda = args.device == "cuda"
         threads = str(args.threads)
         self.env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                    "OPENBLAS_NUM_THREADS": threads, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+                    "OPENBLAS_NUM_THREADS": threads, "TQDM_DISABLE": "1",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.counter = 0
 
     def _dir(self, run: Run) -> Path:
@@ -380,10 +382,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.generated, args.long = 5, 0
     if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = "cuda" if cuda_available() else "cpu"
     return args
+
+
+def prepare(name: str, cache: Path) -> Weights:
+    """Return the model's weights, prepared in a child process (see bench/weights.py's main)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "weights.py"), name, str(cache)],
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"preparing the weights failed:\n{out.stderr[-3000:]}")
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return Weights(**{key: Path(value) if key in ("ct2", "pt", "model_dir") else value for key, value in data.items()})
+
+
+def cuda_available() -> bool:
+    """Return True when torch sees a CUDA device (asked in a child: torch in this process would weigh on
+    every child's peak RSS)."""
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() == "True"
 
 
 def choose(args: argparse.Namespace) -> list[Variant]:
@@ -459,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"per-run folders kept in {kept}")
 
     meta = {"command": command, "started": started.isoformat(timespec="seconds"), "device": args.device,
+            "harness_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # before scoring
             "threads": args.threads, "model": describe(weights), "decoding": decoding.to_dict(),
             "environment": {**env, "load_avg_end": os.getloadavg()},
             "inputs": {name: [item.to_dict() for item in items] for name, items in sets.items()}}

@@ -45,10 +45,11 @@ def one_line(run: Run) -> str:
     """Return a progress line for the console."""
     if run.status != "ok":
         return f"{run.status}: {run.reason}"
-    score_ = wer(run)
+    # No WER here: whisper's normaliser imports torch, and this process must stay small while it
+    # starts the variants (a child's peak RSS starts from its parent's).
     return (f"load {_f(run.load_s, 2)} s, transcribe {_f(run.transcribe_s)} s, RTFx {_f(rtfx(run))}, "
             f"CPU {_f(run.cpu_s)} s, RSS {_f(run.peak_rss_mb, 0)} MB, "
-            f"WER {_f(100 * score_.wer if score_ else None)} %, load avg {run.load_avg[0] if run.load_avg else 0:.1f}")
+            f"load avg {run.load_avg[0] if run.load_avg else 0:.1f}")
 
 
 def _row(run: Run, trained: bool, cuda: bool) -> str:
@@ -103,12 +104,13 @@ def summary(runs: list[Run], trained: bool) -> list[str]:
     cli = _find(runs, "whisper-cli")
     if cli is not None and cli.transcribe_s and ours.transcribe_s:
         lines.append(f"- {name} vs whisper's CLI, one process per file: {cli.transcribe_s / ours.transcribe_s:.1f}× "
-                     f"faster with the model loaded, {cli.transcribe_s / (ours.wall_s or 1):.1f}× counting "
+                     f"its speed with the model loaded, {cli.transcribe_s / (ours.wall_s or 1):.1f}× counting "
                      f"{name}'s whole process (start-up, imports, load)")
     resident = _find(runs, "whisper")
     for other in (resident, _find(runs, "whisperd")):
         if other is not None and other is not ours and other.transcribe_s and ours.transcribe_s:
-            lines.append(f"- {name} vs `{other.variant.name}`: {other.transcribe_s / ours.transcribe_s:.2f}× faster, "
+            speed = other.transcribe_s / ours.transcribe_s
+            lines.append(f"- {name} vs `{other.variant.name}`: {speed:.2f}× its speed, "
                          f"WER {wer_of(ours)} vs {wer_of(other)}")
     return lines
 
@@ -169,7 +171,9 @@ def markdown(meta: dict[str, Any], runs: list[Run]) -> str:
               "of the whole process (interpreter, imports, load included).",
               "- CPU s: user + system time of the variant's processes; other work on the machine inflates wall "
               "times more than this. load avg: the 1-minute load average before → after the variant.",
-              "- peak RSS: the largest single process of the variant's tree (wait4's ru_maxrss), not a sum.",
+              "- peak RSS: the largest single process of the variant's tree (wait4's ru_maxrss), not a sum. Linux "
+              "starts a child's figure from its parent's peak: this harness stayed at "
+              f"{meta['harness_rss_mb']:.0f} MB while it started the variants, so no figure above is below that.",
               "- `whisperd` decodes around silences of 3 s and more (its `skip_silence` default); the others "
               "decode through them. faster-whisper's batched pipeline cuts each file with its silero VAD and "
               "batches the pieces of one file, so a file shorter than 30 s is a batch of one.",

@@ -74,12 +74,12 @@ def random_ct2(target: Path, shape: str, *, seed: int = 0) -> Path:
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, size in expected_shapes(dims).items():
+        values = torch.randn(size, generator=generator) * 0.02
         if name.endswith(("ln.weight", "ln_post.weight")):  # LayerNorm: attn_ln, mlp_ln, ln, ln_post
-            state[name] = torch.ones(size, dtype=torch.float16)
-        elif name.endswith("bias"):
-            state[name] = torch.zeros(size, dtype=torch.float16)
-        else:
-            state[name] = (torch.randn(size, generator=generator) * 0.02).to(torch.float16)
+            values += 1.0
+        # Every tensor random, LayerNorm and biases too: CTranslate2 stores equal tensors (all-zero
+        # biases) once, as aliases, and whisperd's reader refuses aliases it does not know.
+        state[name] = values.to(torch.float16)
     work = target.parent / f".{target.name}.work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -125,3 +125,20 @@ def describe(weights: Weights) -> dict[str, object]:
     return {"name": weights.name, "ct2": str(weights.ct2), "pt": str(weights.pt), "trained": weights.trained,
             "ct2_bytes": (weights.ct2 / "model.bin").stat().st_size, "pt_bytes": weights.pt.stat().st_size,
             "lang_ids": len(config.get("lang_ids", []))}
+
+
+def main() -> None:
+    """Prepare the named model's weights into the cache and print where they are, as JSON.
+
+    compare.py runs this in a child process: converting a model takes gigabytes, and a parent
+    that grew that large would pass its peak to every child it then starts (Linux carries the
+    peak RSS across fork and exec into what wait4 reports).
+    """
+    name, cache = sys.argv[1], Path(sys.argv[2])
+    sys.path.insert(0, str(ROOT))
+    weights = prepare(name, cache)
+    print(json.dumps({key: str(value) if isinstance(value, Path) else value for key, value in vars(weights).items()}))
+
+
+if __name__ == "__main__":
+    main()
