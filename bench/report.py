@@ -20,11 +20,14 @@ def _normalizer() -> tuple[Callable[[str], str], str]:
     return _normalize
 
 
-def wer(run: Run) -> Score | None:
-    """Return the run's word errors against the references, or None when it produced no texts."""
+def wer(run: Run, origin: str | None = None) -> Score | None:
+    """Return the run's word errors against the references (of one origin's files, or all), or None
+    when it produced no texts."""
     if run.status != "ok" or len(run.texts) != len(run.items):
         return None
-    return score(((item.reference, text) for item, text in zip(run.items, run.texts, strict=True)), _normalizer()[0])
+    pairs = [(item.reference, text) for item, text in zip(run.items, run.texts, strict=True)
+             if origin is None or item.origin == origin]
+    return score(pairs, _normalizer()[0])
 
 
 def rtfx(run: Run) -> float | None:
@@ -39,6 +42,10 @@ def rtfx_cold(run: Run) -> float | None:
 
 def _f(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def one_line(run: Run) -> str:
@@ -58,7 +65,12 @@ def _row(run: Run, trained: bool, cuda: bool) -> str:
         cells = [f"`{v.name}`", f"{v.device} {v.dtype}", *["–"] * (8 + cuda), f"{run.status}: {run.reason}"]
         return "| " + " | ".join(cells) + " |"
     score_ = wer(run)
-    quality = f"{100 * score_.wer:.1f} ({score_.errors}/{score_.words})" if score_ and trained else "n/a"
+    quality = "n/a"
+    if score_ and trained:
+        quality = f"{100 * score_.wer:.1f} ({score_.errors}/{score_.words})"
+        real = wer(run, origin="real")
+        if real and real.words and real.words != score_.words:
+            quality += f"; real recordings {real.errors}/{real.words}"
     cells = [f"`{v.name}`", f"{v.device} {v.dtype}", _f(run.load_s, 2), _f(run.transcribe_s), _f(rtfx(run)),
              _f(rtfx_cold(run)), _f(run.cpu_s), _f(run.peak_rss_mb, 0)]
     if cuda:
@@ -133,7 +145,7 @@ def markdown(meta: dict[str, Any], runs: list[Run]) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"- Machine: {env['cpu']}, {env['cores']} cores, {meta['threads']} threads per variant"
+        f"- Machine: {env['cpu']}, {env['cores']} cores, {_n(meta['threads'], 'thread')} per variant"
         + (f"; GPU {env['gpu']}" if env.get("gpu") else "")
         + f"; load average {env['load_avg_start'][0]:.1f} at the start, {env['load_avg_end'][0]:.1f} at the end",
         f"- Software: Python {env['python']}, {versions}",
@@ -153,8 +165,8 @@ def markdown(meta: dict[str, Any], runs: list[Run]) -> str:
         set_runs = [r for r in runs if r.set_name == set_name]
         audio = sum(i["duration_s"] for i in items)
         real = sum(1 for i in items if i["origin"] == "real")
-        lines += ["", f"## {set_name}: {len(items)} files, {audio:.0f} s of audio "
-                  f"({real} real recordings, {len(items) - real} espeak-ng)", "",
+        lines += ["", f"## {set_name}: {_n(len(items), 'file')}, {audio:.0f} s of audio "
+                  f"({_n(real, 'real recording')}, {len(items) - real} espeak-ng)", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += [_row(r, trained, cuda) for r in set_runs]
         ratios = summary(set_runs, trained)

@@ -29,12 +29,12 @@ SHAPES: dict[str, dict[str, int]] = {
                  "n_text_state": 1280, "n_text_head": 20, "n_text_layer": 32},
     "turbo": {"n_mels": 128, "n_audio_state": 1280, "n_audio_head": 20, "n_audio_layer": 32,
               "n_text_state": 1280, "n_text_head": 20, "n_text_layer": 4},
-    # A small shape for checking the random-weight path itself on a CPU in seconds.
-    "tiny": {"n_mels": 80, "n_audio_state": 384, "n_audio_head": 6, "n_audio_layer": 4,
+    # A small shape for checking the random-weight path itself (128 mels, as large-v3) on a CPU in seconds.
+    "tiny": {"n_mels": 128, "n_audio_state": 384, "n_audio_head": 6, "n_audio_layer": 4,
              "n_text_state": 384, "n_text_head": 6, "n_text_layer": 4},
 }
 VOCAB = 51865
-TOKENIZER_FILES = ("tokenizer.json", "vocabulary.txt")
+RECIPE = "bench-recipe.json"  # in a random model's folder: what it was made from, so a changed shape remakes it
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,10 @@ def base_ct2(target: Path) -> Path:
 
 def random_ct2(target: Path, shape: str, *, seed: int = 0) -> Path:
     """Return a CTranslate2 folder of random float16 weights with the named shape, made once."""
-    if (target / "model.bin").is_file():
+    recipe = json.dumps({"shape": SHAPES[shape], "vocab": VOCAB, "seed": seed}, sort_keys=True)
+    if (target / "model.bin").is_file() and (target / RECIPE).is_file() and (target / RECIPE).read_text() == recipe:
         return target
+    shutil.rmtree(target, ignore_errors=True)
     import torch
     from whisper.model import ModelDimensions
 
@@ -95,6 +97,7 @@ def random_ct2(target: Path, shape: str, *, seed: int = 0) -> Path:
     write_ct2(hf, staged, "float16")
     for name in ("tokenizer.json", "preprocessor_config.json"):
         shutil.copy(hf / name, staged / name)
+    (staged / RECIPE).write_text(recipe)
     staged.replace(target)
     shutil.rmtree(work)
     return target
@@ -102,6 +105,7 @@ def random_ct2(target: Path, shape: str, *, seed: int = 0) -> Path:
 
 def prepare(name: str, cache: Path) -> Weights:
     """Return the named model's weights in every form, converting (once, cached) what is missing."""
+    from daemon.models.cache import HashIndex, content_key, converted_path
     from daemon.models.registry import read_source
     from daemon.models.sources import identify
 
@@ -114,15 +118,22 @@ def prepare(name: str, cache: Path) -> Weights:
     else:
         raise SystemExit(f"--model {name!r}: base, random-large-v3, random-turbo, random-tiny or a CTranslate2 folder")
     model_dir = cache / f"whisperd-models-{ct2.name}"
-    read_source(identify(str(ct2)), model_dir)  # converts once into model_dir's cache
-    [pt] = sorted((model_dir / "converted").glob("*.pt"))
+    source = identify(str(ct2))
+    read_source(source, model_dir)  # converts once into model_dir's cache
+    key = content_key(source.kind, ct2, HashIndex(model_dir))
+    assert key is not None
+    pt = converted_path(model_dir, key)  # the very file whisperd loads
     return Weights(name, ct2, pt, model_dir, trained)
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def describe(weights: Weights) -> dict[str, object]:
-    """Return plain facts about the weights, for the report."""
+    """Return plain facts about the weights, for the report (paths inside the repository relative to it)."""
     config = json.loads((weights.ct2 / "config.json").read_text())
-    return {"name": weights.name, "ct2": str(weights.ct2), "pt": str(weights.pt), "trained": weights.trained,
+    return {"name": weights.name, "ct2": _shown(weights.ct2), "pt": _shown(weights.pt), "trained": weights.trained,
             "ct2_bytes": (weights.ct2 / "model.bin").stat().st_size, "pt_bytes": weights.pt.stat().st_size,
             "lang_ids": len(config.get("lang_ids", []))}
 
