@@ -61,6 +61,7 @@ the model is already loaded: `registry.get(model)` returns it at once, so the lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -184,7 +185,8 @@ def measure(argv: list[str], *, env: dict[str, str], timeout_s: float, log: Path
 
         def kill() -> None:
             killed.set()
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                os.killpg(proc.pid, signal.SIGKILL)
 
         timer = threading.Timer(timeout_s, kill)
         timer.start()
