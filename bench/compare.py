@@ -17,10 +17,11 @@ Variants (each run in a fresh process per set of files, so peak memory is its ow
   fw-*-batched      faster-whisper `BatchedInferencePipeline` over the same model (its silero VAD cuts each
                     file into ≤ 30 s chunks; it batches the chunks of one file)
   fw-fp16[-batched] the same on CUDA, float16 (replace the CPU ones with --device cuda)
-  whisperd          whisperd's engine in-process: `ModelRegistry` + `pipeline.process_file` for each file
+  whisperd-seq      whisperd in-process with `engine: sequential` (whisper's transcribe()), file after file
+  whisperd          whisperd in-process with `engine: auto`: `ModelRegistry` + `pipeline.process_file` for each file
                     (probe, extract with ffmpeg, transcribe, publish txt: what the daemon does per file)
   whisperd-cli      `whisperd transcribe FILE…`: one process for the set, the model loaded once
-  whisperd-batched  whisperd's batched engine, through the interface below
+  whisperd-batched  whisperd's batched engine on the whole set: windows of several files in one batch
 
 Same audio: the real recordings in --audio-dir (reference texts from its README) and espeak-ng
 speech of Harvard sentences with silence and noise between phrases (bench/inputs.py), made once
@@ -44,18 +45,6 @@ models with random weights, for speed on a GPU. Every 30 s window decodes exactl
 tokens (end-of-text suppressed, no timestamps, no conditioning, no thresholds), so every variant
 does the same work. They say nothing about quality: their text is noise and their WER is not
 reported. whisper's CLI and whisperd-cli cannot express a token budget and are marked so.
-
-The batched engine's interface (what whisperd-batched calls; --batched-entry names another):
-
-    daemon.engine.batched.transcribe_files(paths: list[Path], model: str, options: dict) -> list[str]
-
-returns one transcript text per path, in order. `model` is the model setting (here the
-CTranslate2 folder's path, as a rule's `model:` would name it). `options` holds the Decoding
-fields of bench/variants.py (language, beam_size, temperature, condition_on_previous_text,
-no_speech_threshold, logprob_threshold, compression_ratio_threshold, without_timestamps,
-sample_len, suppress_eot, batch_size) plus `registry` (a `daemon.models.ModelRegistry` in which
-the model is already loaded: `registry.get(model)` returns it at once, so the load is timed apart),
-`device` and `threads`. Until that module exists the variant is reported as "not available".
 """
 
 from __future__ import annotations
@@ -93,8 +82,6 @@ from bench.variants import (  # noqa: E402
     whisperd_rule,
 )
 from bench.weights import Weights, describe  # noqa: E402
-
-BATCHED_ENTRY = "daemon.engine.batched:transcribe_files"
 
 
 @dataclass
@@ -256,7 +243,7 @@ class Bench:
                 "weights": {"ct2": str(self.weights.ct2), "pt": str(self.weights.pt),
                             "model_dir": str(self.weights.model_dir)},
                 "decoding": self.decoding.to_dict(), "threads": self.args.threads, "device": self.args.device,
-                "work": str(work), "result": str(work / "result.json"), "batched_entry": self.args.batched_entry,
+                "work": str(work), "result": str(work / "result.json"),
                 **extra}  # fmt: skip
         path = work / "spec.json"
         path.write_text(json.dumps(spec, indent=1))
@@ -375,7 +362,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="PATH: writes PATH.md and PATH.json (default bench/results/<time>)")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache",
                         help="generated audio and converted models, made once (default bench/.cache)")
-    parser.add_argument("--batched-entry", default=BATCHED_ENTRY, help=f"module:function (default {BATCHED_ENTRY})")
     parser.add_argument("--repeat", type=int, default=1, help="run each variant this often per set, keep the fastest")
     parser.add_argument("--cli-on-long", action="store_true", help="run the CLI variants on the long files too")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one variant may take on one set")

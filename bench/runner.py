@@ -10,7 +10,6 @@ after the other or in one call for the batched engine, from the path to the text
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import time
@@ -110,26 +109,34 @@ def _whisperd_registry(spec: Result, d: Decoding) -> Any:
     return ModelRegistry(Path(spec["weights"]["model_dir"]), device=spec["device"], torch_threads=spec["threads"])
 
 
-def run_whisperd(spec: Result, d: Decoding) -> Result:
-    """whisperd's engine in-process: the registry loads the model, process_file runs each file's pipeline."""
+def _whisperd_setup(spec: Result, d: Decoding, engine: str) -> tuple[Any, Any, Any, float, float]:
+    """Return whisperd's registry (the model loaded), settings and rule, and when the imports and load ended."""
     from daemon.config import Rule, Settings
-    from daemon.pipeline import process_file
-    from daemon.pipeline.transcribe import WhisperEngine
 
-    work = Path(spec["work"])
     registry = _whisperd_registry(spec, d)
     imported = time.monotonic()
     setting = spec["weights"]["ct2"]
     registry.get(setting)
     loaded = time.monotonic()
-    engine = WhisperEngine(registry)
+    work = Path(spec["work"])
     settings = Settings(state_dir=work / "state", model_dir=Path(spec["weights"]["model_dir"]),
                         device=spec["device"], torch_threads=spec["threads"])
-    rule = Rule(**whisperd_rule(d, setting))
-    (work / "out").mkdir(parents=True, exist_ok=True)
+    return registry, settings, Rule(**whisperd_rule(d, setting, engine)), imported, loaded
+
+
+def run_whisperd(spec: Result, d: Decoding, engine: str) -> Result:
+    """whisperd's pipeline in-process, file after file: probe, extract, transcribe (by `engine`), publish txt."""
+    from daemon.pipeline import process_file
+    from daemon.pipeline.transcribe import WhisperEngine
+
+    registry, settings, rule, imported, loaded = _whisperd_setup(spec, d, engine)
+    whisper_engine = WhisperEngine(registry)
+    whisper_engine.batched.batch_size = d.batch_size
+    out = Path(spec["work"]) / "out"
+    out.mkdir(parents=True, exist_ok=True)
 
     def one(path: str) -> str:
-        return process_file(Path(path), rule, engine, settings, target_dir=work / "out").transcript.text
+        return process_file(Path(path), rule, whisper_engine, settings, target_dir=out).transcript.text
 
     origin = registry.info()[0].origin
     return {"import_s": imported - STARTED, "load_s": loaded - imported, "model_origin": origin,
@@ -137,23 +144,35 @@ def run_whisperd(spec: Result, d: Decoding) -> Result:
 
 
 def run_whisperd_batched(spec: Result, d: Decoding) -> Result:
-    """whisperd's batched engine, through the interface compare.py's docstring describes."""
-    module_name, _, attr = spec["batched_entry"].partition(":")
-    try:
-        transcribe_files = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise NotAvailable(f"{spec['batched_entry']}: {type(err).__name__}: {err}") from err
-    registry = _whisperd_registry(spec, d)
-    imported = time.monotonic()
-    setting = spec["weights"]["ct2"]
-    registry.get(setting)
-    loaded = time.monotonic()
-    options = {**d.to_dict(), "registry": registry, "device": spec["device"], "threads": spec["threads"]}
+    """whisperd's batched engine on the whole set: every file probed and extracted, then one transcribe_many."""
+    from daemon.pipeline.batched import BatchedEngine
+    from daemon.pipeline.extract import SampleFile, extract
+    from daemon.pipeline.probe import probe, select_stream
+    from daemon.pipeline.source import open_path
+
+    registry, settings, rule, imported, loaded = _whisperd_setup(spec, d, "batched")
+    engine = BatchedEngine(registry, batch_size=d.batch_size)
     started = time.monotonic()
-    texts = [str(text).strip() for text in transcribe_files([Path(f) for f in spec["files"]], setting, options)]
-    if len(texts) != len(spec["files"]):
-        raise RuntimeError(f"{spec['batched_entry']} returned {len(texts)} texts for {len(spec['files'])} files")
-    return {"import_s": imported - STARTED, "load_s": loaded - imported, "texts": texts,
+    audios = []
+    for i, path in enumerate(spec["files"]):
+        work_dir = Path(spec["work"]) / "extract" / str(i)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        source = open_path(Path(path))
+        try:
+            media = probe(source, timeout_s=settings.probe_timeout)
+            audios.append(extract(media, select_stream(media, rule), work_dir=work_dir,
+                                  timeout_s=settings.extract_timeout))
+        finally:
+            source.close()
+    extracted = time.monotonic()
+    try:
+        transcripts = engine.transcribe_many([(audio, rule, None) for audio in audios])
+    finally:
+        for audio in audios:
+            if isinstance(audio.samples, SampleFile):
+                audio.samples.close()
+    return {"import_s": imported - STARTED, "load_s": loaded - imported,
+            "texts": [t.text.strip() for t in transcripts], "extract_s": extracted - started,
             "transcribe_s": time.monotonic() - started}
 
 
@@ -165,7 +184,8 @@ def main() -> None:
         "whisper": lambda: run_whisper(spec, d),
         "faster-whisper": lambda: run_faster_whisper(spec, d, batched=False),
         "faster-whisper-batched": lambda: run_faster_whisper(spec, d, batched=True),
-        "whisperd": lambda: run_whisperd(spec, d),
+        "whisperd-sequential": lambda: run_whisperd(spec, d, "sequential"),
+        "whisperd": lambda: run_whisperd(spec, d, "auto"),
         "whisperd-batched": lambda: run_whisperd_batched(spec, d),
     }
     try:

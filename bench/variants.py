@@ -70,14 +70,17 @@ def catalog(device: str) -> list[Variant]:
                     "faster-whisper `BatchedInferencePipeline` (its silero VAD cuts each file; batches within a file)"),
         ]
     variants += [
+        Variant("whisperd-seq", "whisperd-sequential", device, torch_dtype,
+                "whisperd in-process, `engine: sequential`: `ModelRegistry` + `pipeline.process_file` (probe, "
+                "extract, whisper's `transcribe()`, publish txt), file after file"),
         Variant("whisperd", "whisperd", device, torch_dtype,
-                "whisperd's engine in-process: `ModelRegistry` + `pipeline.process_file` (probe, extract, "
-                "transcribe, publish txt), file after file"),
+                "whisperd in-process, `engine: auto` (batched where the decoding allows): `process_file` file "
+                "after file, each file's windows decoded in batches"),
         Variant("whisperd-cli", "whisperd-cli", device, torch_dtype,
                 "`whisperd transcribe FILE…`: one process, the model loaded once"),
         Variant("whisperd-batched", "whisperd-batched", device, torch_dtype,
-                "whisperd's batched engine (`daemon.engine.batched.transcribe_files`): windows of several files "
-                "in one batch"),
+                "whisperd's batched engine on the whole set: every file probed and extracted, then "
+                "`BatchedEngine.transcribe_many` decodes windows of several files in one batch"),
     ]
     return variants
 
@@ -136,10 +139,10 @@ def faster_whisper_options(d: Decoding, *, batched: bool) -> dict[str, Any]:
     return options
 
 
-def whisperd_rule(d: Decoding, model: str) -> dict[str, Any]:
+def whisperd_rule(d: Decoding, model: str, engine: str = "auto") -> dict[str, Any]:
     """Return whisperd `Rule` fields for the settings (only txt is written; the rest is whisperd's default)."""
     fields: dict[str, Any] = {
-        "model": model, "language": d.language or "auto", "temperature": (d.temperature,),
+        "model": model, "engine": engine, "language": d.language or "auto", "temperature": (d.temperature,),
         "beam_size": d.beam_size, "best_of": None, "condition_on_previous_text": d.condition_on_previous_text,
         "no_speech_threshold": d.no_speech_threshold, "logprob_threshold": d.logprob_threshold,
         "compression_ratio_threshold": d.compression_ratio_threshold, "output_formats": ["txt"],
