@@ -429,7 +429,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     counted = [f"{len(errors)} problem(s)"] if errors else ["OK"]
     counted += [f"{len(warnings)} warning(s)"] if warnings else []
-    print(f"{path}: {', '.join(counted)}, {len(checked.folders)} folder(s)")
+    print(f"{path}: {', '.join(counted)}, {len(checked.folders)} folder(s)", flush=True)
     for finding in errors:
         print(f"  {finding}", file=sys.stderr)
     for finding in warnings:

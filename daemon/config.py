@@ -447,7 +447,22 @@ def _message(model: type[BaseModel] | None, error: Any) -> str:
         closest = difflib.get_close_matches(str(value), expected, n=1, cutoff=0.6)
         hint = f"; did you mean {closest[0]!r}?" if closest else ""
         return f"must be {error['ctx']['expected']}, not {value!r}{hint}"
+    bound = _BOUND_WORDS.get(kind)
+    if bound is not None:
+        limit = next(iter(error.get("ctx", {}).values()), "?")
+        return f"must be {bound} {limit}, not {value!r}"
+    if kind in _TYPE_WORDS:
+        return f"must be {_TYPE_WORDS[kind]}, not {value!r}"
     return str(error["msg"]).removeprefix("Value error, ")
+
+
+# pydantic's numeric bounds and type errors, in the words a config file's reader uses.
+_BOUND_WORDS = {"greater_than_equal": "at least", "greater_than": "more than", "less_than_equal": "at most",
+                "less_than": "less than"}
+_TYPE_WORDS = {"int_parsing": "a whole number", "int_type": "a whole number", "int_from_float": "a whole number",
+               "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
+               "bool_type": "true or false", "string_type": "text", "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping",
+               "model_type": "a mapping"}
 
 
 def _problems(prefix: str, err: ValidationError, model: type[BaseModel] | None = None) -> list[ConfigProblem]:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import stat
 import sys
 import threading
@@ -51,6 +52,9 @@ IDLE_UNLOAD_CHECK_S = 15.0  # how often idle models are looked for (model_idle_u
 MODEL_LOAD_EXTENSION_S = 900  # EXTEND_TIMEOUT_USEC granted per model loaded before READY=1
 # Test-only switch: while the file named here exists, the worker loop hangs without a heartbeat,
 # the way a wedged GPU call would, so tests can watch the watchdog pings stop.
+# The state disk or the journal failing (full, read-only, locked): the environment's fault, logged in
+# one line and retried; any other exception in the loops is a bug and keeps its traceback.
+ENVIRONMENT_FAULTS = (OSError, sqlite3.OperationalError)
 TEST_HANG_FILE_ENV = "WHISPERD_TEST_HANG_FILE"
 
 
@@ -244,7 +248,9 @@ class Service:
             for ready in watcher.poll(now):
                 try:
                     self.enqueue(ready)
-                except Exception:  # one unqueueable name must not hold up the others settled with it
+                except ENVIRONMENT_FAULTS as err:  # the state disk or the journal: the next rescan retries
+                    log.warning("enqueue_failed", folder=ready.folder, file=ready.rel_path, error=str(err))
+                except Exception:  # a bug; one unqueueable name must not hold up the others settled with it
                     log.exception("enqueue_failed", folder=ready.folder, file=ready.rel_path)
 
     def enqueue(self, ready: ReadyFile) -> Job | None:
@@ -375,6 +381,10 @@ class Service:
                 self.exit_code = EXIT_GPU_FAULT
                 self._stop.set()
                 return
+            except ENVIRONMENT_FAULTS as err:  # the state disk or the journal, not a bug: no traceback
+                log.warning("worker_error", error=f"{type(err).__name__}: {err}")
+                job = None
+                self._stop.wait(1.0)
             except Exception:
                 log.exception("worker_error")
                 job = None

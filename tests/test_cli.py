@@ -215,7 +215,7 @@ def test_every_option_of_every_command_has_help() -> None:
         (["--fp16", "False"], "whisper's --fp16 is not taken: whisperd uses float16 on CUDA"),
         (["--output_format", "docx"], "unknown output format docx; choose from txt, srt, vtt, tsv, json, all"),
         (["--folder", "lectures"], "--folder needs --config"),
-        (["--temperature", "3"], "--temperature: Input should be less than or equal to 1"),
+        (["--temperature", "3"], "--temperature: must be at most 1.0, not 3.0"),
         (["--task", "translate", "--model", "turbo"], "turbo model is not trained to translate"),
         (["--engine", "fastest"], "argument --engine: invalid choice: 'fastest'"),
         (["--engine", "batched", "--beam_size", "5"], "engine: batched decodes greedily"),

@@ -425,3 +425,19 @@ def test_config_schema_describes_folders_and_rules(capsys: pytest.CaptureFixture
     folder = schema["$defs"]["Folder"]["properties"]
     assert {"inbox", "watch", "rules", "model", "task"} <= set(folder)
     assert "description" in folder["stability_delay"]
+
+
+def test_out_of_range_and_mistyped_values_are_said_in_plain_words(tmp_path: Path) -> None:
+    """Bounds and types read as the config's own words, not pydantic's ("Input should be …")."""
+    data = {
+        "defaults": {"max_line_width": -3, "beam_size": "lots"},
+        "folders": [_folder(tmp_path, "a", word_timestamps="maybe", rules=3)],
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    text = str(caught.value)
+    assert "defaults.max_line_width: must be at least 1, not -3" in text
+    assert "defaults.beam_size: must be a whole number, not 'lots'" in text
+    assert "folders[0].word_timestamps: must be true or false, not 'maybe'" in text
+    assert "folders[0].rules: must be a list, not 3" in text
+    assert "Input should" not in text
