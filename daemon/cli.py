@@ -29,7 +29,7 @@ from daemon.config import (
     read_config_file,
     validate_config,
 )
-from daemon.errors import ConfigError, ConfigProblem, JobError, ModelError, ToolMissing, UsageError
+from daemon.errors import ConfigError, ConfigProblem, JobError, ModelError, ToolMissing, UsageError, WhisperdError
 from daemon.journal import JobState
 from daemon.models import ModelRegistry, is_path_setting, source_problem
 from daemon.operations import OperationError
@@ -524,7 +524,7 @@ def cmd_transcribe(args: argparse.Namespace, registry: ModelRegistry | None = No
             with _progress_bar(source, stream) as progress:
                 result = process_file(source, rule, engine, settings, target_dir=Path(args.output_dir),
                                       progress=progress)
-        except (JobError, ModelError, OSError) as err:
+        except (WhisperdError, OSError) as err:  # JobError, ModelError, FileChanged, GpuFault, …
             failed += 1
             # An expected fault of one file: one line with the reason, no traceback.
             stage = {"stage": err.stage} if isinstance(err, JobError) and err.stage else {}

@@ -73,6 +73,8 @@ def folder_problem(folder: Folder, settings: Settings) -> str | None:
         return problem
     if not folder.inbox.is_dir():
         return f"the inbox {folder.inbox} is missing or not a folder (a share that is not mounted?)"
+    if not os.access(folder.inbox, os.R_OK | os.X_OK):
+        return f"the inbox {folder.inbox} cannot be read by this process (its permissions, or the share's)"
     roles = (("outbox", folder.outbox), ("archive", folder.archive), ("failed folder", folder.failed))
     for what, path in roles:
         if path is not None and (problem := _writable_dir(path, what, settings.min_free_space)):

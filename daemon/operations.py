@@ -28,6 +28,7 @@ QUEUE_SHOWN = 20
 # A daemon beats every 5 s (service.INSTANCE_BEAT_S), and stops beating when its worker hangs: a beat
 # older than this means it is not responding. Kept here so that status imports no service code.
 NOT_RESPONDING_AFTER_S = 30.0
+STOPPED_AFTER_S = 600.0  # another host's daemon silent this long is taken as gone (its pid cannot be asked)
 DAY_S = 86400.0
 HOUR_S = 3600.0
 
@@ -88,7 +89,8 @@ def daemon_state(journal: Journal, now: float) -> dict[str, Any]:
     A process that was killed leaves its last beat behind: on this host its pid tells it is gone;
     another host's process is judged by its beat alone.
     """
-    alive = [i for i in journal.instances() if not owner_is_dead(i.owner)]
+    # Another host's process is judged by its beat: silent for STOPPED_AFTER_S, it is gone.
+    alive = [i for i in journal.instances() if not owner_is_dead(i.owner) and now - i.beat_at <= STOPPED_AFTER_S]
     if not alive:
         return {"state": "stopped", "instances": []}
     instances = []
@@ -124,9 +126,9 @@ def status_report(config: Config, journal: Journal, now: float | None = None) ->
     # daemon's job is handed back when it starts again.
     running: list[dict[str, Any]] = []
     interrupted: list[dict[str, Any]] = []
+    responding = {i["owner"] for i in daemon["instances"] if i["state"] == "running"}
     for job in journal.jobs([JobState.RUNNING]):
-        (interrupted if owner_is_dead(job.owner) or daemon["state"] == "stopped" else running).append(
-            job_view(job, now))
+        (running if job.owner in responding else interrupted).append(job_view(job, now))
     names_ = list(config.folders) + [name for name in counts if name not in config.folders]
     folders: dict[str, dict[str, Any]] = {}
     for name in names_:  # folders removed from the config but still in the journal come last
@@ -297,6 +299,9 @@ def retry_failed(
         if unknown and not chosen:
             raise OperationError(f"no job matches: {', '.join(unknown)}")
         outcome.skipped += [f"{selector}: no job matches" for selector in unknown]
+        # A path retried once may also name its earlier, finished jobs: the failed one is meant.
+        failed_keys = {(j.folder, j.rel_path) for j in chosen if j.state == JobState.FAILED}
+        chosen = [j for j in chosen if j.state == JobState.FAILED or (j.folder, j.rel_path) not in failed_keys]
     else:
         chosen = [j for j in jobs if j.state == JobState.FAILED]
     for job in chosen:

@@ -96,6 +96,9 @@ class Service:
         for job in self.journal.recover(lambda owner: owner == self.owner or owner_is_dead(owner), now=now):
             log.info("job_requeued", job_id=job.id, folder=job.folder, file=job.rel_path,
                      reason="left running by a process that is gone")
+        for instance in self.journal.instances():  # killed while idle: its beat would linger in status
+            if instance.owner != self.owner and owner_is_dead(instance.owner):
+                self.journal.remove_instance(instance.owner)
         self._reconcile_processing_areas()
 
         self.registry = ModelRegistry(settings.model_dir, settings.device, settings.torch_threads,
@@ -167,6 +170,12 @@ class Service:
         now = time.time()
         self._remove_stale_work()
         for folder in self.config.folders.values():
+            if not folder.inbox.is_dir():
+                # Not mounted yet (--allow-missing): creating the area would create the inbox on the
+                # local disk beneath the mount point. The folder is paused until its inbox is back.
+                log.warning("processing_area_skipped", folder=folder.name, inbox=str(folder.inbox),
+                            reason="the inbox is missing or not a folder")
+                continue
             current = layout.processing_base(folder, self.config.settings.state_dir)
             hidden = fsutil.Place(folder.inbox, layout.HIDDEN_PROCESSING)
             if current == hidden:
@@ -316,8 +325,11 @@ class Service:
         idle_s = self.config.settings.model_idle_unload
         if idle_s <= 0 or self.worker.current is not None:
             return
+        # Work waiting in paused folders does not hold the model: a pause is how the GPU is lent.
+        claimable = set(self.worker.claimable_folders())
         counts = self.journal.counts()
-        if any(by_state.get(state.value, 0) for by_state in counts.values() for state in JobState.active()):
+        if any(by_state.get(state.value, 0) for folder, by_state in counts.items() if folder in claimable
+               for state in JobState.active()):
             return
         if self.registry.unload_idle(idle_s):
             self._health_changed()  # status and the STATUS line say the memory is free now
@@ -390,9 +402,17 @@ class Service:
                 job = None
                 self._stop.wait(1.0)
             if job is None and not self._stop.is_set():
-                due = self.journal.next_due_at(list(self.config.folders))
-                wait = IDLE_POLL_S if due is None else min(max(due - time.time(), 0.01), IDLE_POLL_S)
-                self._idle(wait)
+                self._idle(self._until_due())
+
+    def _until_due(self) -> float:
+        """Return how long the idle worker may wait: until the next due job of a folder it may claim."""
+        try:
+            # Paused folders' due jobs do not count: the worker would spin on jobs it may not claim.
+            due = self.journal.next_due_at(self.worker.claimable_folders())
+        except ENVIRONMENT_FAULTS as err:
+            log.warning("worker_error", error=f"{type(err).__name__}: {err}")
+            return IDLE_POLL_S
+        return IDLE_POLL_S if due is None else min(max(due - time.time(), 0.01), IDLE_POLL_S)
 
     def _idle(self, seconds: float) -> None:
         """Wait for work (a wake-up or `seconds`), beating meanwhile: an idle worker is a live one."""

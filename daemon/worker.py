@@ -91,15 +91,22 @@ class Worker:
         """Ask the running job to stop at its next safe point; it goes back to the queue."""
         self.control.cancel()
 
+    def claimable_folders(self, now: float | None = None) -> list[str]:
+        """Return the folders whose jobs may be claimed now: not paused by a fault or the operator."""
+        config = self.config()
+        paused = self.health.paused(config, self.clock() if now is None else now)
+        held = self.journal.pauses()  # an operator's `whisperd pause`
+        if "*" in held:
+            return []
+        return [name for name in config.folders if name not in paused and name not in held]
+
     def run_once(self, now: float | None = None) -> Job | None:
         """Claim and process the next due job; return it, or None when nothing was due."""
         config = self.config()
         now = self.clock() if now is None else now
-        paused = self.health.paused(config, now)
-        held = self.journal.pauses()  # an operator's `whisperd pause`
-        if "*" in held:
+        folders = self.claimable_folders(now)
+        if not folders:
             return None
-        folders = [name for name in config.folders if name not in paused and name not in held]
         job = self.journal.claim(folders, now=now, owner=self.owner)
         if job is None:
             return None

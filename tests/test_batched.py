@@ -180,3 +180,22 @@ def test_auto_picks_the_batched_engine_only_where_its_decoding_matches_the_rule(
     assert Rule(engine="batched").problems() == [
         "engine: batched decodes greedily, each window on its own; beam_size, condition_on_previous_text "
         "need(s) engine: sequential (or set beam_size: null, condition_on_previous_text: false)"]
+
+
+def test_timestamp_tokens_close_segments_inside_a_window() -> None:
+    """A window's timestamp pairs become segments timed on the file, not one segment per window."""
+    from types import SimpleNamespace
+
+    from daemon.pipeline.batched import _split
+
+    tokenizer = whisper.tokenizer.get_tokenizer(True, language="en", task="transcribe")
+
+    def ts(seconds: float) -> int:
+        return tokenizer.timestamp_begin + round(seconds / 0.02)
+
+    tokens = [ts(0.0), *tokenizer.encode(" Hello there."), ts(2.0), ts(2.0), *tokenizer.encode(" Second one."),
+              ts(5.0), ts(5.5), *tokenizer.encode(" Cut at the pause")]
+    result = SimpleNamespace(tokens=tokens, temperature=0.0, avg_logprob=-0.2, no_speech_prob=0.01)
+    segments = _split(tokenizer, result, first_frame=1000, window_end=22.0)
+    assert [(s["start"], s["end"], s["text"]) for s in segments] == [
+        (10.0, 12.0, " Hello there."), (12.0, 15.0, " Second one."), (15.5, 22.0, " Cut at the pause")]

@@ -23,7 +23,7 @@ from daemon_harness import ROOT, Daemon, drop_file
 
 from daemon.journal import FileIdentity, JobState, open_journal
 from daemon.journal.sqlite import SqliteJournal
-from daemon.operations import NOT_RESPONDING_AFTER_S, daemon_state
+from daemon.operations import NOT_RESPONDING_AFTER_S, STOPPED_AFTER_S, daemon_state
 
 
 def whisperd(daemon: Daemon, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -82,6 +82,11 @@ def test_a_daemon_whose_beat_stopped_is_not_responding_since_its_last_beat(tmp_p
     other = SqliteJournal(tmp_path / "other.sqlite3")
     other.beat_instance(f"{socket.gethostname()}:{gone.pid}", now=1000.0, started_at=900.0, models=[])
     assert daemon_state(other, 1001.0) == {"state": "stopped", "instances": []}
+    # Another host's daemon cannot be asked by pid: silent for STOPPED_AFTER_S, it is taken as gone.
+    remote = SqliteJournal(tmp_path / "remote.sqlite3")
+    remote.beat_instance("elsewhere.example:4242", now=1000.0, started_at=900.0, models=[])
+    assert daemon_state(remote, 1000.0 + 60)["state"] == "not_responding"
+    assert daemon_state(remote, 1000.0 + STOPPED_AFTER_S + 1)["state"] == "stopped"
 
 
 @pytest.mark.slow
@@ -123,7 +128,10 @@ def test_pause_stops_claiming_while_files_are_still_queued_and_resume_lets_them_
 def test_an_idle_model_is_unloaded_shown_so_and_loaded_again_for_the_next_file(
     make_daemon: Callable[..., Daemon], media_set: MediaSet
 ) -> None:
-    """model_idle_unload: after a file and the idle time, the model leaves memory; the next file reloads it."""
+    """model_idle_unload: after a file and the idle time, the model leaves memory; the next file reloads it.
+
+    While paused, queued files do not keep it in memory either.
+    """
     daemon = make_daemon(model_idle_unload=2)
     daemon.start()
     drop_file(media_set.speech_mp4, daemon.folder("inbox") / "a.mp4")
@@ -134,6 +142,16 @@ def test_an_idle_model_is_unloaded_shown_so_and_loaded_again_for_the_next_file(
     drop_file(media_set.speech_mp4, daemon.folder("inbox") / "b.mp4")
     daemon.wait_done(2, timeout=60)
     assert len(daemon.events("model_loaded")) == loads + 1
+    # Paused (the GPU lent to another service): a file waiting in the queue does not hold the model.
+    whisperd(daemon, "pause")
+    drop_file(media_set.speech_mp4, daemon.folder("inbox") / "c.mp4")
+    daemon.wait_for(lambda: len(daemon.jobs()) == 3, 20, "the third file to be queued")
+    unloads = len(daemon.events("model_unloaded"))
+    daemon.wait_for(lambda: len(daemon.events("model_unloaded")) > unloads, 20, "the paused daemon's model to go")
+    assert daemon.jobs([JobState.QUEUED])
+    whisperd(daemon, "resume")
+    daemon.wait_done(3, timeout=60)
+    assert len(daemon.events("model_loaded")) == loads + 2
     assert daemon.stop() == 0
 
 

@@ -128,7 +128,7 @@ class Journal(Protocol):
     def jobs(
         self, states: Collection[JobState] | None = None, *, limit: int | None = None, newest_first: bool = False
     ) -> list[Job]:
-        """Return jobs, optionally only those in the given states, oldest first (or newest, and at most limit)."""
+        """Return jobs, optionally only those in the given states, oldest first (or latest changed, at most limit)."""
         ...
 
     def finished_since(self, since: float) -> list[Job]:

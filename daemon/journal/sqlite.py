@@ -271,14 +271,15 @@ class SqliteJournal:
     def jobs(
         self, states: Collection[JobState] | None = None, *, limit: int | None = None, newest_first: bool = False
     ) -> list[Job]:
-        """Return jobs, optionally only those in the given states, oldest first (or newest, and at most limit)."""
+        """Return jobs, optionally only those in the given states, oldest first (or latest changed, at most limit)."""
         where, params = "", []
         if states is not None:
             params = [JobState(s).value for s in states]
             where = f"WHERE state IN ({','.join('?' * len(params))})"
-        order = "DESC" if newest_first else ""
+        # Newest: the latest changed (a failure retried by hand fails again under its old id).
+        order = "updated_at DESC, id DESC" if newest_first else "id"
         tail = f" LIMIT {int(limit)}" if limit is not None else ""
-        rows = self._read(f"SELECT * FROM jobs {where} ORDER BY id {order}{tail}", params)
+        rows = self._read(f"SELECT * FROM jobs {where} ORDER BY {order}{tail}", params)
         return [self._job(r) for r in rows]
 
     def finished_since(self, since: float) -> list[Job]:

@@ -241,10 +241,18 @@ class BatchedEngine:
                 results = whisper.decode(model, features, options)
                 for item, result in zip(items, results, strict=True):
                     item.result = result
+                self._beat(items)  # a batch with fallbacks can take long: the watchdog hears of each pass
             last = n == len(temperatures) - 1
             todo = [item for item in todo if not last and _needs_fallback(rule, item.result)]
             if not todo:
                 return
+
+    @staticmethod
+    def _beat(items: list[_Item]) -> None:
+        """Report each file's progress so far: the job's heartbeat, and where a cancellation is honoured."""
+        for f in {id(item.file): item.file for item in items}.values():
+            if f.progress is not None and f.windows:
+                f.progress(min(f.done / len(f.windows), 0.999))
 
     def _collect(self, model: Any, rule: Rule, item: _Item) -> None:
         """Turn one window's decoded tokens into segments on the file's timeline (and word timings)."""
@@ -282,7 +290,8 @@ def _needs_fallback(rule: Rule, result: Any) -> bool:
                       and result.compression_ratio > rule.compression_ratio_threshold)
     too_unsure = rule.logprob_threshold is not None and result.avg_logprob < rule.logprob_threshold
     silent = rule.no_speech_threshold is not None and result.no_speech_prob > rule.no_speech_threshold
-    return too_repetitive or (too_unsure and not silent)  # as whisper: a likely silence is not retried
+    # As whisper's transcribe: a likely silence (unsure and no speech) is never retried, repetitive or not.
+    return (too_repetitive or too_unsure) and not (silent and too_unsure)
 
 
 def _split(tokenizer: Any, result: Any, first_frame: int, window_end: float) -> list[dict[str, Any]]:
@@ -293,8 +302,9 @@ def _split(tokenizer: Any, result: Any, first_frame: int, window_end: float) -> 
     pause, so whatever follows belongs to it): it ends with the window.
     """
     base = first_frame / FRAMES_PER_SECOND
-    tokens = [t for t in result.tokens if t < tokenizer.eot]
     begin = tokenizer.timestamp_begin
+    # Text and timestamp tokens (timestamps are numbered above every special token).
+    tokens = [t for t in result.tokens if t < tokenizer.eot or t >= begin]
     segments: list[dict[str, Any]] = []
     current: list[int] = []
     start: float | None = None
