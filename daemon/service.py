@@ -290,7 +290,7 @@ class Service:
             try:
                 seen = watcher.scan()
             except OSError as err:
-                log.error("rescan_failed", folder=name, error=str(err))
+                log.warning("rescan_failed", folder=name, error=str(err))  # the folder is paused meanwhile
                 continue
             log.debug("rescanned", folder=name, files=seen)
 
@@ -316,9 +316,16 @@ class Service:
         return " · ".join(parts)
 
     def _health_changed(self) -> None:
-        """A folder paused or resumed: say so in the status line and the journal now, not at the next beat."""
+        """A folder paused or resumed: say so in the status line and the journal now, not at the next beat.
+
+        An inbox that is back (a share mounted late, a folder added by a reload before it existed)
+        is watched and scanned now, not at the next rescan.
+        """
         self._beat_instance()
         self._update_status()
+        if any(not w.watching and w.folder.inbox.is_dir() for w in list(self.watchers.values())):
+            with contextlib.suppress(Exception):  # the scheduler may be shutting down
+                self.scheduler.modify_job("rescan", next_run_time=datetime.now(timezone.utc))
 
     def _unload_idle_models(self) -> None:
         """Free idle models' memory (`model_idle_unload`) while nothing is queued or running."""
