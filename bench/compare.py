@@ -319,6 +319,8 @@ class Bench:
         config = {"state_dir": str(work / "state"), "model_dir": str(self.weights.model_dir),
                   "device": self.args.device, "torch_threads": self.args.threads, "log_format": "json",
                   "defaults": whisperd_rule(self.decoding, str(self.weights.ct2))}
+        if self.args.device == "cpu":
+            config["cpu_dtype"] = run.variant.dtype
         (work / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
         out = work / "out"
         m = measure([sys.executable, "-m", "daemon", "transcribe", *[str(item.path) for item in run.items],

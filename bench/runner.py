@@ -106,7 +106,10 @@ def _whisperd_registry(spec: Result, d: Decoding) -> Any:
 
         own = transcribe.decode_options
         transcribe.decode_options = lambda *a, **k: {**own(*a, **k), **extra}  # type: ignore[assignment]
-    return ModelRegistry(Path(spec["weights"]["model_dir"]), device=spec["device"], torch_threads=spec["threads"])
+    # On a CPU the variant's dtype is whisperd's cpu_dtype (float32, or bfloat16 for the -bf16 variant).
+    cpu_dtype = spec["variant"]["dtype"] if spec["device"] == "cpu" else "auto"
+    return ModelRegistry(Path(spec["weights"]["model_dir"]), device=spec["device"], torch_threads=spec["threads"],
+                         cpu_dtype=cpu_dtype)
 
 
 def _whisperd_setup(spec: Result, d: Decoding, engine: str) -> tuple[Any, Any, Any, float, float]:

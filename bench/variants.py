@@ -82,6 +82,9 @@ def catalog(device: str) -> list[Variant]:
                 "whisperd's batched engine on the whole set: every file probed and extracted, then "
                 "`BatchedEngine.transcribe_many` decodes windows of several files in one batch"),
     ]
+    if device == "cpu":
+        variants.append(Variant("whisperd-batched-bf16", "whisperd-batched", device, "bfloat16",
+                                "the same with `cpu_dtype: bfloat16` (encoder and cross-attention keys in bfloat16)"))
     return variants
 
 

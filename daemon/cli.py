@@ -510,6 +510,7 @@ def cmd_transcribe(args: argparse.Namespace, registry: ModelRegistry | None = No
         Path(args.model_dir) if args.model_dir else settings.model_dir,
         args.device or settings.device,
         args.threads if args.threads is not None else settings.torch_threads,
+        cpu_dtype=settings.cpu_dtype,
         mirror=settings.model_mirror,
     )
     unloadable = _load_models(registry, [rule.model for _, rule in plans])

@@ -102,7 +102,7 @@ class Service:
         self._reconcile_processing_areas()
 
         self.registry = ModelRegistry(settings.model_dir, settings.device, settings.torch_threads,
-                                      mirror=settings.model_mirror)
+                                      cpu_dtype=settings.cpu_dtype, mirror=settings.model_mirror)
         self.started_at = now
         self.registry.on_change = self._beat_instance
         self._beat_instance()
@@ -471,8 +471,9 @@ class Service:
                     self._start_watcher(name)
                     with contextlib.suppress(OSError):
                         self.watchers[name].scan()
-        if new.settings.state_dir != old.settings.state_dir or new.settings.device != old.settings.device:
-            log.warning("restart_needed", reason="state_dir and device changes apply after a restart")
+        if (new.settings.state_dir, new.settings.device, new.settings.cpu_dtype) != (
+                old.settings.state_dir, old.settings.device, old.settings.cpu_dtype):
+            log.warning("restart_needed", reason="state_dir, device and cpu_dtype changes apply after a restart")
         log.info("reloaded", folders=list(new.folders))
         self._wake.set()
         return True

@@ -130,12 +130,14 @@ class ModelRegistry:
         device: str = "auto",
         torch_threads: int = 0,
         *,
+        cpu_dtype: str = "float32",
         mirror: str | None = None,
         catalog: download.Catalog | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
+        self.cpu_dtype = cpu_dtype  # float32 or bfloat16, on a CPU (daemon.models.cpu)
         self.catalog = catalog if catalog is not None else download.catalog(mirror)
         self.clock = clock
         self.loads: Counter[tuple[str, str]] = Counter()  # how often each key was loaded from disk
@@ -243,6 +245,12 @@ class ModelRegistry:
             checkpoint, origin = read_source(source, self.model_dir, catalog=self.catalog,
                                              progress=self._progress(name))
             module = build_model(checkpoint, device=self.device, half=self.fp16)
+            dtype = "float16" if self.fp16 else "float32"
+            if self.device == "cpu":
+                from daemon.models.cpu import optimise_for_cpu
+
+                dtype = self.cpu_dtype
+                module = optimise_for_cpu(module, dtype)
         except ModelError:
             raise
         except Exception as err:  # out of memory, a CUDA error during the copy: say which model
@@ -250,8 +258,7 @@ class ModelRegistry:
         info = LoadedModel(name, self.device, source, origin, round(time.monotonic() - started, 3),
                            model_nbytes(module))
         log.info("model_loaded", model=name, kind=source.kind, origin=origin, device=self.device,
-                 duration_s=info.duration_s, resident_mb=round(info.nbytes / 2**20, 1),
-                 dtype="float16" if self.fp16 else "float32")
+                 duration_s=info.duration_s, resident_mb=round(info.nbytes / 2**20, 1), dtype=dtype)
         return module, info
 
     @staticmethod
