@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import media
+import numpy as np
 import pytest
 import whisper
 from conftest import SUMMARY, Pretrained
@@ -196,6 +197,26 @@ def test_timestamp_tokens_close_segments_inside_a_window() -> None:
     tokens = [ts(0.0), *tokenizer.encode(" Hello there."), ts(2.0), ts(2.0), *tokenizer.encode(" Second one."),
               ts(5.0), ts(5.5), *tokenizer.encode(" Cut at the pause")]
     result = SimpleNamespace(tokens=tokens, temperature=0.0, avg_logprob=-0.2, no_speech_prob=0.01)
-    segments = _split(tokenizer, result, first_frame=1000, window_end=22.0)
+    segments = _split(tokenizer, result, window_end=12.0)
     assert [(s["start"], s["end"], s["text"]) for s in segments] == [
-        (10.0, 12.0, " Hello there."), (12.0, 15.0, " Second one."), (15.5, 22.0, " Cut at the pause")]
+        (0.0, 2.0, " Hello there."), (2.0, 5.0, " Second one."), (5.5, 12.0, " Cut at the pause")]
+
+
+def test_speech_across_long_silences_is_packed_into_one_window_and_timed_back() -> None:
+    """Three phrases with 6 s silences between them: one window of the three, the silences left out
+    (each phrase alone would be padded to 30 s); times in it map back to each phrase's own place."""
+    from daemon.pipeline.vad import PACK_GAP_S, Window, speech_windows
+
+    voice = whisper.load_audio(str(JFK))[: 3 * whisper.audio.SAMPLE_RATE]  # 3 s of JFK's speech
+    gap = np.zeros(6 * whisper.audio.SAMPLE_RATE, dtype=np.float32)
+    audio = np.concatenate([voice, gap, voice, gap, voice])
+    [window] = speech_windows(audio, max_gap_s=3.0)
+    assert len(window.pieces) == 3 and window.length < 16.0, window
+    assert [round(a) for a, _ in window.pieces] == [0, 9, 18]
+    # Apart, as before: without a gap limit, silences shorter than the window stay inside it.
+    assert [len(w.pieces) for w in speech_windows(audio)] == [1]
+    packed = Window(((10.0, 13.0), (20.0, 24.0)))
+    assert packed.length == 7.0 + PACK_GAP_S
+    assert packed.to_source(1.0) == 11.0 and packed.to_source(3.0 + PACK_GAP_S + 2.0) == 22.0
+    assert packed.to_source(3.5, end=True) == 13.0 and packed.to_source(3.5) == 20.0  # inside the gap
+    assert packed.to_source(99.0) == 24.0

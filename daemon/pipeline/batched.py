@@ -40,7 +40,7 @@ from daemon.pipeline.transcribe import (
     Word,
     is_cuda_fault,
 )
-from daemon.pipeline.vad import Window, speech_windows
+from daemon.pipeline.vad import PACK_GAP_S, Window, speech_windows
 
 if TYPE_CHECKING:
     import torch
@@ -167,8 +167,7 @@ class BatchedEngine:
             for first in range(0, len(pending), self.batch_size):
                 batch = pending[first : first + self.batch_size]
                 for item in batch:  # spectrograms a batch at a time: memory stays bounded on long files
-                    stop = max(round(item.window.end * FRAMES_PER_SECOND), item.first_frame + 1)
-                    mel = whisper.pad_or_trim(item.file.mel[:, item.first_frame : stop], whisper.audio.N_FRAMES)
+                    mel = whisper.pad_or_trim(_window_mel(item.file.mel, item.window), whisper.audio.N_FRAMES)
                     item.mel = mel.to(model.device).to(dtype)
                 self._encode(model, batch)
                 # A file's language, when not given, is detected on its first window with speech
@@ -265,16 +264,22 @@ class BatchedEngine:
             return  # whisper's no-speech guard: nothing said in this window
         tokenizer = whisper.tokenizer.get_tokenizer(
             model.is_multilingual, num_languages=model.num_languages, language=item.file.language, task=rule.task)
-        segments = _split(tokenizer, result, item.first_frame, item.window.end)
+        # Times in the window first (whisper's alignment counts from the window's start, seek 0),
+        # then on the file's timeline, through the window's pieces.
+        window = item.window
+        segments = _split(tokenizer, result, window.length)
         if not segments:
             return
         if rule.word_timestamps:
-            # whisper's own alignment; it places words after segments[0]["seek"], the window's start.
-            frames = max(round(item.window.end * FRAMES_PER_SECOND) - item.first_frame, 1)
-            add_word_timestamps(
-                segments=segments, model=model, tokenizer=tokenizer, mel=item.mel, num_frames=frames,
-                last_speech_timestamp=item.first_frame / FRAMES_PER_SECOND,
-            )
+            frames = max(round(window.length * FRAMES_PER_SECOND), 1)
+            add_word_timestamps(segments=segments, model=model, tokenizer=tokenizer, mel=item.mel,
+                                num_frames=frames, last_speech_timestamp=0.0)
+        for segment in segments:
+            segment["seek"] = item.first_frame
+            segment["start"], segment["end"] = window.to_source(segment["start"]), window.to_source(
+                segment["end"], end=True)
+            for word in segment.get("words", ()):
+                word["start"], word["end"] = window.to_source(word["start"]), window.to_source(word["end"], end=True)
         item.file.segments.extend(segments)
 
 
@@ -294,14 +299,13 @@ def _needs_fallback(rule: Rule, result: Any) -> bool:
     return (too_repetitive or too_unsure) and not (silent and too_unsure)
 
 
-def _split(tokenizer: Any, result: Any, first_frame: int, window_end: float) -> list[dict[str, Any]]:
-    """Return whisper-style segment dicts for one window's tokens, times on the audio's timeline.
+def _split(tokenizer: Any, result: Any, window_end: float) -> list[dict[str, Any]]:
+    """Return whisper-style segment dicts for one window's tokens, times from the window's start.
 
-    The tokens carry timestamps (0.02 s each, from the window's first frame): each pair of them
-    closes a segment. The last segment may lack its closing timestamp (the window was cut at a
-    pause, so whatever follows belongs to it): it ends with the window.
+    The tokens carry timestamps (0.02 s each): each pair of them closes a segment. The last
+    segment may lack its closing timestamp (the window was cut at a pause, so whatever follows
+    belongs to it): it ends with the window.
     """
-    base = first_frame / FRAMES_PER_SECOND
     begin = tokenizer.timestamp_begin
     # Text and timestamp tokens (timestamps are numbered above every special token).
     tokens = [t for t in result.tokens if t < tokenizer.eot or t >= begin]
@@ -312,11 +316,11 @@ def _split(tokenizer: Any, result: Any, first_frame: int, window_end: float) -> 
     def close(end: float) -> None:
         text = tokenizer.decode([t for t in current if t < begin])
         if text.strip():
-            segments.append(_raw(result, first_frame, start if start is not None else base, end, current, text))
+            segments.append(_raw(result, 0, start if start is not None else 0.0, end, current, text))
 
     for token in tokens:
         if token >= begin:
-            time = round(base + (token - begin) * 0.02, 3)
+            time = round((token - begin) * 0.02, 3)
             if start is None:
                 start = time
                 current = [token]
@@ -326,7 +330,7 @@ def _split(tokenizer: Any, result: Any, first_frame: int, window_end: float) -> 
                 start, current = None, []
         else:
             if start is None:
-                start = base
+                start = 0.0
             current.append(token)
     if current:
         close(window_end)
@@ -339,6 +343,19 @@ def _raw(result: Any, seek: int, start: float, end: float, tokens: list[int], te
         "temperature": result.temperature, "avg_logprob": result.avg_logprob,
         "compression_ratio": _compression_ratio(text), "no_speech_prob": result.no_speech_prob,
     }  # fmt: skip
+
+
+def _window_mel(mel: LazyMel, window: Window) -> torch.Tensor:
+    """Return a window's spectrogram: its pieces' frames with PACK_GAP_S of silence between them."""
+    import torch
+
+    parts = []
+    for i, (start, end) in enumerate(window.pieces):
+        if i:
+            parts.append(torch.full((mel.n_mels, round(PACK_GAP_S * FRAMES_PER_SECOND)), mel.silence()))
+        first = round(start * FRAMES_PER_SECOND)
+        parts.append(mel[:, first : max(round(end * FRAMES_PER_SECOND), first + 1)])
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def _compression_ratio(text: str) -> float:

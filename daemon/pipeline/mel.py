@@ -59,6 +59,10 @@ class LazyMel:
         floor = self.global_max() - 8.0
         return (log_spec.clamp(min=floor) + 4.0) / 4.0
 
+    def silence(self) -> float:
+        """Return the value a frame of digital silence has in this spectrogram (after the floor)."""
+        return (max(SILENT_LOG, self.global_max() - 8.0) + 4.0) / 4.0
+
     def global_max(self) -> float:
         """Return the loudest log10 Mel value of the whole padded spectrogram (computed once, streaming)."""
         if self._max is None:

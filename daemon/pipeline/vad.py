@@ -12,6 +12,7 @@ block, so a 10-hour file takes seconds and little memory.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,12 +31,55 @@ FRAME_S = FRAME / SAMPLE_RATE
 WINDOW_S = 30.0  # whisper's window
 
 
+PACK_GAP_S = 2.0  # silence left between stretches of speech packed into one window (1 s changed words)
+
+
 @dataclass(frozen=True)
 class Window:
-    """A stretch of audio to decode on its own, in seconds from the first sample."""
+    """Speech decoded as one 30 s window: one stretch of the audio, or several packed together.
 
-    start: float
-    end: float
+    `pieces` are (start, end) in seconds from the first sample, in order. Stretches separated by a
+    long silence are packed back to back with PACK_GAP_S of silence between them: each would
+    otherwise be padded to 30 s alone, and the encoder's work is per window, not per second of
+    speech. Times the model gives in the window map back through `to_source`.
+    """
+
+    pieces: tuple[tuple[float, float], ...]
+
+    @property
+    def start(self) -> float:
+        """Return where the window's first piece starts in the audio."""
+        return self.pieces[0][0]
+
+    @property
+    def end(self) -> float:
+        """Return where the window's last piece ends in the audio."""
+        return self.pieces[-1][1]
+
+    @property
+    def length(self) -> float:
+        """Return the window's length as decoded: the pieces and the gaps between them."""
+        return packed_length(self.pieces)
+
+    def to_source(self, t: float, *, end: bool = False) -> float:
+        """Return where a time in the window (seconds from its start) lies in the audio.
+
+        A time in a gap between pieces goes to the end of the piece before it when it ends
+        something (`end`), else to the start of the next one.
+        """
+        position = 0.0
+        for i, (a, b) in enumerate(self.pieces):
+            if t <= position + (b - a):
+                if t >= position:
+                    return a + (t - position)
+                return self.pieces[i - 1][1] if end and i > 0 else a
+            position += (b - a) + PACK_GAP_S
+        return self.end
+
+
+def packed_length(pieces: Sequence[Sequence[float]]) -> float:
+    """Return how long pieces last packed back to back with PACK_GAP_S between them."""
+    return sum(b - a for a, b in pieces) + PACK_GAP_S * max(len(pieces) - 1, 0)
 
 
 def weights_path() -> Path:
@@ -137,29 +181,33 @@ def speech_windows(
     duration = len(samples) / SAMPLE_RATE
     spans = _speech_spans(probs, threshold, min_silence_s, min_speech_s)
     windows: list[Window] = []
-    current: list[float] | None = None
+    current: list[list[float]] = []  # the open window's pieces
+
+    def close() -> None:
+        if current:
+            windows.append(Window(tuple((round(a, 3), round(b, 3)) for a, b in current)))
+            current.clear()
+
     for start_f, end_f in spans:
         start = max(start_f * FRAME_S - pad_s, 0.0)
         end = min(end_f * FRAME_S + pad_s, duration)
         while end - start > window_s:  # one stretch too long for a window: cut at its quietest point
             cut = _quietest(probs, start + window_s * 2 / 3, start + window_s)
-            if current is not None:
-                windows.append(Window(current[0], current[1]))
-                current = None
-            windows.append(Window(start, cut))
+            close()
+            windows.append(Window(((round(start, 3), round(cut, 3)),)))
             start = cut
-        joins = current is not None and end - current[0] <= window_s
-        if joins and max_gap_s is not None and current is not None and start - current[1] >= max_gap_s:
-            joins = False
-        if joins and current is not None:
-            current[1] = end
-        else:
-            if current is not None:
-                windows.append(Window(current[0], current[1]))
-            current = [start, end]
-    if current is not None:
-        windows.append(Window(current[0], current[1]))
-    return [Window(round(w.start, 3), round(w.end, 3)) for w in windows]
+        if current:
+            long_gap = max_gap_s is not None and start - current[-1][1] >= max_gap_s
+            if not long_gap and packed_length(current) + (end - current[-1][1]) <= window_s:
+                current[-1][1] = end  # a short pause stays inside the piece
+                continue
+            if long_gap and packed_length(current) + PACK_GAP_S + (end - start) <= window_s:
+                current.append([start, end])  # a long silence is left out: packed after a short gap
+                continue
+            close()
+        current.append([start, end])
+    close()
+    return windows
 
 
 def _speech_spans(
