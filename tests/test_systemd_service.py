@@ -20,7 +20,7 @@ from conftest import MediaSet, enqueue_file
 from daemon_harness import Daemon, drop_file, files_under
 
 from daemon.config import Config
-from daemon.errors import GpuFault
+from daemon.errors import GpuFault, TransientError
 from daemon.journal import JobState
 from daemon.journal.sqlite import SqliteJournal
 from daemon.pipeline.transcribe import WhisperEngine
@@ -211,3 +211,22 @@ def test_a_cuda_fault_requeues_the_job_and_ends_the_worker(
         handle.remove()
     requeued = journal.get(job_id)
     assert requeued is not None and (requeued.state, requeued.attempts, requeued.crashes) == (JobState.QUEUED, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("raised", "becomes"),
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), TransientError),
+        (RuntimeError("CUDA out of memory (caching allocator)"), TransientError),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), GpuFault),
+        (RuntimeError("shape mismatch"), RuntimeError),
+    ],
+)
+def test_both_engines_map_the_devices_failures_alike(raised: BaseException, becomes: type[BaseException]) -> None:
+    """Out of memory is worth a retry, a CUDA fault ends the process, anything else stays what it is
+    (faked errors: no GPU here); the sequential and the batched engine share this one mapping."""
+    from daemon.pipeline.transcribe import device_faults_mapped
+
+    with pytest.raises(becomes) as caught, device_faults_mapped():
+        raise raised
+    assert (type(caught.value) is RuntimeError) == (becomes is RuntimeError)

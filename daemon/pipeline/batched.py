@@ -27,18 +27,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from daemon.config import Rule
-from daemon.errors import GpuFault, TransientError
 from daemon.languages import language_from_tag
 from daemon.models import ModelRegistry
 from daemon.pipeline.extract import Audio
 from daemon.pipeline.mel import LazyMel
 from daemon.pipeline.transcribe import (
-    STAGE,
     Progress,
     Segment,
     Transcript,
     Word,
-    is_cuda_fault,
+    device_faults_mapped,
 )
 from daemon.pipeline.vad import PACK_GAP_S, Window, speech_windows
 
@@ -105,18 +103,8 @@ class BatchedEngine:
 
     def transcribe_many(self, items: Sequence[tuple[Audio, Rule, Progress | None]]) -> list[Transcript]:
         """Return the transcripts of several files, their windows decoded together where the rules allow."""
-        import torch
-
-        try:
-            with self._lock:
-                return self._run(items)
-        except torch.cuda.OutOfMemoryError as err:
-            torch.cuda.empty_cache()
-            raise TransientError(f"GPU out of memory: {err}", stage=STAGE) from err
-        except RuntimeError as err:
-            if is_cuda_fault(err):
-                raise GpuFault(f"CUDA error while transcribing: {err}") from err
-            raise
+        with self._lock, device_faults_mapped():
+            return self._run(items)
 
     # -- the run ------------------------------------------------------------------------------
 

@@ -6,9 +6,10 @@ files at once behind the same `transcribe` call.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -161,6 +162,25 @@ def is_cuda_fault(err: BaseException) -> bool:
     return "CUDA error" in text or "CUBLAS_STATUS" in text or "CUDNN_STATUS" in text
 
 
+@contextlib.contextmanager
+def device_faults_mapped() -> Iterator[None]:
+    """Turn the device's failures into whisperd's: out of memory is transient (the job is retried
+    later, the memory freed now); a CUDA fault leaves the context unusable (GpuFault: the process exits)."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        raise TransientError(f"GPU out of memory: {err}", stage=STAGE) from err
+    except RuntimeError as err:
+        if is_cuda_fault(err):
+            raise GpuFault(f"CUDA error while transcribing: {err}") from err
+        if "CUDA" in str(err) and "out of memory" in str(err):
+            raise TransientError(f"GPU out of memory: {err}", stage=STAGE) from err
+        raise
+
+
 class _ProgressBar:
     """Stands in for the tqdm bar inside whisper.transcribe and forwards frames done as a fraction."""
 
@@ -242,7 +262,6 @@ class WhisperEngine:
 
     def transcribe(self, audio: Audio, rule: Rule, progress: Progress | None = None) -> Transcript:
         """Return the transcript of the audio under the rule; GPU out-of-memory is transient."""
-        import torch
         import whisper
 
         from daemon.pipeline.batched import uses_batched
@@ -265,21 +284,13 @@ class WhisperEngine:
             module.log_mel_spectrogram = transcribe_patch(mel)  # type: ignore[attr-defined]
             _ProgressBar.current = progress
             try:
-                if options["language"] is None:
-                    # Detected here, as whisper would, but where the speech starts (whisper listens to
-                    # the file's first 30 s, which may be silence), and on the window's spectrogram.
-                    options["language"] = detect_language(model, mel, start_s=clips[0] if clips else 0.0,
-                                                          fp16=self.registry.fp16)
-                result = whisper.transcribe(model, audio.samples, **options)
-            except torch.cuda.OutOfMemoryError as err:
-                torch.cuda.empty_cache()
-                raise TransientError(f"GPU out of memory: {err}", stage=STAGE) from err
-            except RuntimeError as err:
-                if is_cuda_fault(err):
-                    raise GpuFault(f"CUDA error while transcribing: {err}") from err
-                if "CUDA" in str(err) and "out of memory" in str(err):
-                    raise TransientError(f"GPU out of memory: {err}", stage=STAGE) from err
-                raise
+                with device_faults_mapped():
+                    if options["language"] is None:
+                        # Detected here, as whisper would, but where the speech starts (whisper listens
+                        # to the file's first 30 s, which may be silence), and on the window's spectrogram.
+                        options["language"] = detect_language(model, mel, start_s=clips[0] if clips else 0.0,
+                                                              fp16=self.registry.fp16)
+                    result = whisper.transcribe(model, audio.samples, **options)
             finally:
                 module.tqdm, module.log_mel_spectrogram = saved  # type: ignore[attr-defined]
                 _ProgressBar.current = None
