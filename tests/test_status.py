@@ -82,6 +82,13 @@ def test_a_daemon_whose_beat_stopped_is_not_responding_since_its_last_beat(tmp_p
     other = SqliteJournal(tmp_path / "other.sqlite3")
     other.beat_instance(f"{socket.gethostname()}:{gone.pid}", now=1000.0, started_at=900.0, models=[])
     assert daemon_state(other, 1001.0) == {"state": "stopped", "instances": []}
+    # Killed but not yet reaped by its parent (a zombie): gone, not running.
+    zombie = subprocess.Popen(["true"])
+    time.sleep(0.5)  # it has exited; nobody has waited for it yet
+    unreaped = SqliteJournal(tmp_path / "zombie.sqlite3")
+    unreaped.beat_instance(f"{socket.gethostname()}:{zombie.pid}", now=1000.0, started_at=900.0, models=[])
+    assert daemon_state(unreaped, 1001.0)["state"] == "stopped"
+    zombie.wait()
     # Another host's daemon cannot be asked by pid: silent for STOPPED_AFTER_S, it is taken as gone.
     remote = SqliteJournal(tmp_path / "remote.sqlite3")
     remote.beat_instance("elsewhere.example:4242", now=1000.0, started_at=900.0, models=[])
