@@ -212,8 +212,8 @@ def format_status(report: dict[str, Any]) -> str:
         eta = f", about {_duration(job['eta_s'])} left" if job.get("eta_s") is not None else ""
         lines.append(f"running: #{job['id']} {job['folder']}/{job['path']} {round(job['progress'] * 100)}%{eta}")
     for job in report["interrupted"]:
-        lines.append(f"interrupted: #{job['id']} {job['folder']}/{job['path']} (its daemon is gone; "
-                     "it is tried again when whisperd starts)")
+        lines.append(f"interrupted: #{job['id']} {job['folder']}/{job['path']} (its daemon is gone or not "
+                     "responding; it is tried again when whisperd starts again on that host)")
     if not report["running"]:
         lines.append("running: nothing")
     lines.append(f"queued: {report['queued']}")

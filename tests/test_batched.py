@@ -160,6 +160,11 @@ def test_windows_that_fail_the_quality_checks_are_decoded_again_hotter(
     assert {s.temperature for s in cold.segments} == {0.0}
     assert {s.temperature for s in hot.segments} == {0.4}
     assert word_error_rate(JFK_TEXT, hot.text) < 0.5, hot.text  # still his sentence, sampled
+    # Several windows at once, best_of candidates each (whisper's decode cannot batch those).
+    several = engine.transcribe_many([(r.audio(), rule(pretrained.base, temperature=[0.0, 0.4], best_of=2,
+                                                      compression_ratio_threshold=0.1), None)
+                                      for r in recordings[1:]])
+    assert [{s.temperature for s in t.segments} for t in several] == [{0.4}] * (len(recordings) - 1)
 
 
 def test_silence_alone_is_not_decoded_and_gives_no_text(
@@ -220,3 +225,7 @@ def test_speech_across_long_silences_is_packed_into_one_window_and_timed_back() 
     assert packed.to_source(1.0) == 11.0 and packed.to_source(3.0 + PACK_GAP_S + 2.0) == 22.0
     assert packed.to_source(3.5, end=True) == 13.0 and packed.to_source(3.5) == 20.0  # inside the gap
     assert packed.to_source(99.0) == 24.0
+    assert packed.span_to_source(3.2, 3.8) == (20.0, 20.0)  # wholly in the gap: a point, never reversed
+    # A silence (1.9 s here, from speech to speech) no longer than the gap packing leaves stays inside the piece.
+    short_gap = np.concatenate([voice, np.zeros(int(1.2 * whisper.audio.SAMPLE_RATE), dtype=np.float32), voice])
+    assert [len(w.pieces) for w in speech_windows(short_gap, max_gap_s=1.0)] == [1]

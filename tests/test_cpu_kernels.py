@@ -77,3 +77,12 @@ def test_word_timing_language_detection_and_beam_search_still_work(plain: whispe
         assert normalized_wer([(JFK_TEXT, result["text"])]) == 0.0, result["text"]
         americans = next(w for w in words if "Americans" in w["word"])
         assert 1.0 <= americans["start"] <= 2.5, (dtype, americans)
+
+
+def test_float32_vocabulary_weights_keep_whispers_own_projection(plain: whisper.Whisper) -> None:
+    """The fp16 vocabulary projection is used only where it is exact: weights that are float16 values."""
+    assert type(optimise_for_cpu(copy.deepcopy(plain), "float32").decoder).__name__ == "_Decoder"
+    fine_tuned = copy.deepcopy(plain)
+    with torch.no_grad():
+        fine_tuned.decoder.token_embedding.weight.add_(1e-5)  # no longer float16 values
+    assert type(optimise_for_cpu(fine_tuned, "float32").decoder) is whisper.model.TextDecoder

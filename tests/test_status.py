@@ -64,7 +64,8 @@ def test_status_says_running_then_stopped_after_kill_9_and_never_shows_a_dead_da
     assert text.startswith("daemon: stopped\n"), text
     assert "\nmedia: 0 queued, 0 running, 0 retrying, 1 interrupted, 0 done and 0 failed in 24 h\n" in text
     assert "\nrunning: nothing" in text and "\nrunning: #" not in text
-    assert "\ninterrupted: #1 media/long.wav (its daemon is gone; it is tried again when whisperd starts)" in text
+    assert ("\ninterrupted: #1 media/long.wav (its daemon is gone or not responding; it is tried again when "
+            "whisperd starts again on that host)") in text
     assert report["daemon"] == {"state": "stopped", "instances": []}
     assert report["running"] == [] and [j["path"] for j in report["interrupted"]] == ["long.wav"]
 

@@ -65,7 +65,11 @@ def optimise_for_cpu(model: Whisper, dtype: str) -> Whisper:
             attention.key = _HeadMajor(attention.key, kept, attention.n_head)
             attention.value = _HeadMajor(attention.value, kept, attention.n_head)
             attention.__class__ = _CrossAttention
-    packed = _pack_fp16(model.decoder.token_embedding.weight)
+    weight = model.decoder.token_embedding.weight
+    # Exact only when the weights are float16 values already (OpenAI's and most CTranslate2
+    # checkpoints); a float32 fine-tune keeps whisper's own float32 projection.
+    exact = bool(torch.equal(weight, weight.half().float()))
+    packed = _pack_fp16(weight) if exact else None
     if packed is not None:
         model.decoder.vocabulary_packed = packed
         model.decoder.__class__ = _Decoder

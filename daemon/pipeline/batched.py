@@ -224,10 +224,13 @@ class BatchedEngine:
                     sample_len=rule.sample_len, best_of=rule.best_of if temperature > 0 else None,
                     prompt=rule.initial_prompt, fp16=self.registry.fp16, without_timestamps=False,
                 )  # fmt: skip
-                features = torch.stack([item.features for item in items])  # type: ignore[misc]
-                results = whisper.decode(model, features, options)
-                for item, result in zip(items, results, strict=True):
-                    item.result = result
+                # whisper 20250625 cannot sample best_of candidates for several windows at once (its
+                # sum_logprobs and the batch's shapes disagree): then each window goes alone.
+                alone = options.best_of is not None and options.best_of > 1
+                for part in ([[item] for item in items] if alone else [items]):
+                    features = torch.stack([item.features for item in part])  # type: ignore[misc]
+                    for item, result in zip(part, whisper.decode(model, features, options), strict=True):
+                        item.result = result
                 self._beat(items)  # a batch with fallbacks can take long: the watchdog hears of each pass
             last = n == len(temperatures) - 1
             todo = [item for item in todo if not last and _needs_fallback(rule, item.result)]
@@ -264,10 +267,9 @@ class BatchedEngine:
                                 num_frames=frames, last_speech_timestamp=0.0)
         for segment in segments:
             segment["seek"] = item.first_frame
-            segment["start"], segment["end"] = window.to_source(segment["start"]), window.to_source(
-                segment["end"], end=True)
+            segment["start"], segment["end"] = window.span_to_source(segment["start"], segment["end"])
             for word in segment.get("words", ()):
-                word["start"], word["end"] = window.to_source(word["start"]), window.to_source(word["end"], end=True)
+                word["start"], word["end"] = window.span_to_source(word["start"], word["end"])
         item.file.segments.extend(segments)
 
 

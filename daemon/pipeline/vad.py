@@ -61,6 +61,12 @@ class Window:
         """Return the window's length as decoded: the pieces and the gaps between them."""
         return packed_length(self.pieces)
 
+    def span_to_source(self, start: float, end: float) -> tuple[float, float]:
+        """Return where a stretch of the window (a segment, a word) lies in the audio, never ending
+        before it starts: one that lies wholly in a gap between pieces becomes a point at the next piece."""
+        source_start = self.to_source(start)
+        return source_start, max(self.to_source(end, end=True), source_start)
+
     def to_source(self, t: float, *, end: bool = False) -> float:
         """Return where a time in the window (seconds from its start) lies in the audio.
 
@@ -201,6 +207,11 @@ def speech_windows(
             if not long_gap and packed_length(current) + (end - current[-1][1]) <= window_s:
                 current[-1][1] = end  # a short pause stays inside the piece
                 continue
+            if long_gap and start - current[-1][1] <= PACK_GAP_S:
+                long_gap = False  # shorter than the gap packing leaves: nothing to gain
+                if packed_length(current) + (end - current[-1][1]) <= window_s:
+                    current[-1][1] = end
+                    continue
             if long_gap and packed_length(current) + PACK_GAP_S + (end - start) <= window_s:
                 current.append([start, end])  # a long silence is left out: packed after a short gap
                 continue
