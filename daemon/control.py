@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from daemon.errors import JobCancelled
 
@@ -61,3 +61,46 @@ class JobControl:
             done.set()
             thread.join()
             self.beat()
+
+
+class Isolation:
+    """Lets jobs run side by side, except one that must run alone (it crashed whisperd before).
+
+    `shared()` admits any number of jobs while none runs alone; `alone()` waits until every other
+    job has finished and keeps new ones out meanwhile. Waiting callers keep beating.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._alone = False
+
+    @contextlib.contextmanager
+    def shared(self, beat: Callable[[], None]) -> Iterator[None]:
+        """Run a job beside others (waits while one runs alone)."""
+        with self._cond:
+            while self._alone:
+                beat()
+                self._cond.wait(0.25)
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self, beat: Callable[[], None]) -> Iterator[None]:
+        """Run a job with nothing else in flight (waits for the others to finish)."""
+        with self._cond:
+            while self._alone or self._active:
+                beat()
+                self._cond.wait(0.25)
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()

@@ -26,6 +26,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from daemon import fsutil, layout, names
 from daemon import log as logsetup
 from daemon.config import Folder, load_config
+from daemon.control import Isolation
 from daemon.errors import ConfigError, GpuFault, ModelError
 from daemon.health import Health
 from daemon.instances import default_owner, owner_is_dead
@@ -63,6 +64,24 @@ def cancel_wait(grace_s: float) -> float:
     return min(max(grace_s, 0.5), CANCEL_WAIT_S)
 
 
+class _Wakeup:
+    """Wakes every idle worker at once (an Event cleared by the first would keep the others asleep)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.generation = 0
+
+    def set(self) -> None:
+        with self._cond:
+            self.generation += 1
+            self._cond.notify_all()
+
+    def wait_after(self, seen: int, timeout: float) -> bool:
+        """Return True once woken after generation `seen`; False after `timeout`."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.generation != seen, timeout)
+
+
 class Service:
     """whisperd's daemon: watchers → journal → worker, until a signal says stop."""
 
@@ -73,9 +92,9 @@ class Service:
         self.watchers: dict[str, FolderWatcher] = {}
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self._wake = threading.Event()
+        self._wake = _Wakeup()
         self._signals = 0
-        self._worker_thread: threading.Thread | None = None
+        self._worker_threads: list[threading.Thread] = []
         self.notifier = Notifier.from_environment()
         self.exit_code = 0
         self._last_status: str | None = None
@@ -114,8 +133,13 @@ class Service:
                 self.registry.get(name)
         self.health = Health()
         self.health.on_change = self._health_changed
-        self.worker = Worker(lambda: self.config, self.journal, WhisperEngine(self.registry),
-                             owner=self.owner, on_retry=self._schedule_wakeup, health=self.health)
+        engine = WhisperEngine(self.registry)
+        isolation = Isolation()
+        # jobs_in_flight workers side by side, one engine: their batched files share batches.
+        self.workers = [Worker(lambda: self.config, self.journal, engine, owner=self.owner,
+                               on_retry=self._schedule_wakeup, health=self.health, isolation=isolation)
+                        for _ in range(settings.jobs_in_flight)]
+        engine.gatherer.expected = lambda: sum(1 for w in self.workers if w.current is not None)
         # Without ffmpeg every file would fail: its folders pause until it is installed (said at start too).
         self.health.paused(self.config, time.time())
 
@@ -146,8 +170,10 @@ class Service:
         for folder in self.config.folders.values():
             self._start_watcher(folder.name)
         self.scheduler.start()
-        self._worker_thread = threading.Thread(target=self._work, name="worker", daemon=True)
-        self._worker_thread.start()
+        for i, worker in enumerate(self.workers):
+            thread = threading.Thread(target=self._work, args=(worker,), name=f"worker-{i}", daemon=True)
+            self._worker_threads.append(thread)
+            thread.start()
         log.info("ready", folders=len(self.config.folders), models=self.registry.loaded())
         self.notifier.ready(self.status_line())
 
@@ -299,9 +325,9 @@ class Service:
         counts = self.journal.counts()
         queued = sum(c.get(JobState.QUEUED.value, 0) for c in counts.values())
         retrying = sum(c.get(JobState.RETRY_WAIT.value, 0) for c in counts.values())
-        job, progress = self.worker.current, self.worker.progress
-        parts = [f"transcribing {job.folder}/{job.rel_path} {round((progress or 0) * 100)}%" if job else "idle",
-                 f"{queued} queued"]
+        running = [f"{w.current.folder}/{w.current.rel_path} {round((w.progress or 0) * 100)}%"
+                   for w in self.workers if w.current is not None]
+        parts = [f"transcribing {', '.join(running)}" if running else "idle", f"{queued} queued"]
         if retrying:
             parts.append(f"{retrying} retrying")
         for name in self.registry.unavailable():
@@ -330,10 +356,10 @@ class Service:
     def _unload_idle_models(self) -> None:
         """Free idle models' memory (`model_idle_unload`) while nothing is queued or running."""
         idle_s = self.config.settings.model_idle_unload
-        if idle_s <= 0 or self.worker.current is not None:
+        if idle_s <= 0 or any(w.current is not None for w in self.workers):
             return
         # Work waiting in paused folders does not hold the model: a pause is how the GPU is lent.
-        claimable = set(self.worker.claimable_folders())
+        claimable = set(self.workers[0].claimable_folders())
         counts = self.journal.counts()
         if any(by_state.get(state.value, 0) for folder, by_state in counts.items() if folder in claimable
                for state in JobState.active()):
@@ -359,7 +385,7 @@ class Service:
 
         Only while the worker beats too: a process whose worker hangs is "not responding" in status.
         """
-        if hasattr(self, "worker") and time.monotonic() - self.worker.control.last_beat > WORKER_STALE_S:
+        if hasattr(self, "workers") and time.monotonic() - self._oldest_beat() > WORKER_STALE_S:
             return
         with contextlib.suppress(Exception):  # a busy journal must not break a model load or the scheduler
             paused = self.health.reasons() if hasattr(self, "health") else {}
@@ -373,11 +399,15 @@ class Service:
             self._last_status = line
             self.notifier.status(line)
 
+    def _oldest_beat(self) -> float:
+        """Return the heartbeat of the worker that beat least recently (every worker must be alive)."""
+        return min(w.control.last_beat for w in self.workers)
+
     def _watchdog(self) -> None:
-        if time.monotonic() - self.worker.control.last_beat < self._stale_after:
+        if time.monotonic() - self._oldest_beat() < self._stale_after:
             self.notifier.watchdog()
         else:
-            log.error("worker_stalled", seconds_since_heartbeat=round(time.monotonic() - self.worker.control.last_beat),
+            log.error("worker_stalled", seconds_since_heartbeat=round(time.monotonic() - self._oldest_beat()),
                       consequence="watchdog pings withheld; systemd will restart the service")
 
     def _schedule_wakeup(self, job: Job | None, due: float) -> None:
@@ -388,13 +418,13 @@ class Service:
         with contextlib.suppress(Exception):  # the scheduler may already be shut down
             self.scheduler.add_job(self._wake.set, "date", run_date=when)
 
-    def _work(self) -> None:
+    def _work(self, worker: Worker) -> None:
         while not self._stop.is_set():
-            self.worker.control.beat()
+            worker.control.beat()
             while self._test_hang_file and os.path.exists(self._test_hang_file):
                 time.sleep(0.05)  # test-only: a hang with no heartbeat
             try:
-                job = self.worker.run_once()
+                job = worker.run_once()
             except GpuFault:
                 # Every later CUDA call would fail too: exit non-zero so systemd restarts the process.
                 self.exit_code = EXIT_GPU_FAULT
@@ -409,26 +439,26 @@ class Service:
                 job = None
                 self._stop.wait(1.0)
             if job is None and not self._stop.is_set():
-                self._idle(self._until_due())
+                self._idle(worker, self._until_due(worker))
 
-    def _until_due(self) -> float:
+    def _until_due(self, worker: Worker) -> float:
         """Return how long the idle worker may wait: until the next due job of a folder it may claim."""
         try:
             # Paused folders' due jobs do not count: the worker would spin on jobs it may not claim.
-            due = self.journal.next_due_at(self.worker.claimable_folders())
+            due = self.journal.next_due_at(worker.claimable_folders())
         except ENVIRONMENT_FAULTS as err:
             log.warning("worker_error", error=f"{type(err).__name__}: {err}")
             return IDLE_POLL_S
         return IDLE_POLL_S if due is None else min(max(due - time.time(), 0.01), IDLE_POLL_S)
 
-    def _idle(self, seconds: float) -> None:
+    def _idle(self, worker: Worker, seconds: float) -> None:
         """Wait for work (a wake-up or `seconds`), beating meanwhile: an idle worker is a live one."""
         deadline = time.monotonic() + seconds
+        seen = self._wake.generation
         while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
-            self.worker.control.beat()
-            if self._wake.wait(min(left, HEARTBEAT_IDLE_S)):
+            worker.control.beat()
+            if self._wake.wait_after(seen, min(left, HEARTBEAT_IDLE_S)):
                 break
-        self._wake.clear()
 
     # -- signals, reload, stop -----------------------------------------------------------------
 
@@ -471,9 +501,10 @@ class Service:
                     self._start_watcher(name)
                     with contextlib.suppress(OSError):
                         self.watchers[name].scan()
-        if (new.settings.state_dir, new.settings.device, new.settings.cpu_dtype) != (
-                old.settings.state_dir, old.settings.device, old.settings.cpu_dtype):
-            log.warning("restart_needed", reason="state_dir, device and cpu_dtype changes apply after a restart")
+        restart_only = ("state_dir", "device", "cpu_dtype", "jobs_in_flight")
+        changed = [key for key in restart_only if getattr(new.settings, key) != getattr(old.settings, key)]
+        if changed:
+            log.warning("restart_needed", settings=changed, reason="these settings apply after a restart")
         log.info("reloaded", folders=list(new.folders))
         self._wake.set()
         return True
@@ -482,7 +513,7 @@ class Service:
         """Stop watching and claiming; let the current job finish within the grace period, else requeue it."""
         grace = self.config.settings.shutdown_grace
         self.notifier.stopping("stopping: finishing or handing back the running job")
-        log.info("stopping", grace_s=grace, running_job=self.worker.current.id if self.worker.current else None)
+        log.info("stopping", grace_s=grace, running_jobs=[w.current.id for w in self.workers if w.current])
         self._stop.set()
         self._wake.set()
         with contextlib.suppress(Exception):
@@ -493,15 +524,19 @@ class Service:
             # Recorded first: if this stop ends in SIGKILL (TimeoutStopSec), the next start knows the
             # job it interrupted did not crash whisperd.
             self.journal.mark_stopping(self.owner, now=time.time())
-        thread = self._worker_thread
-        if thread is not None:
-            thread.join(timeout=grace)
-            if thread.is_alive():
-                log.info("cancelling_job", job_id=self.worker.current.id if self.worker.current else None)
-                self.worker.cancel()  # the job stops at its next check: between whisper windows, or ffmpeg killed
-                thread.join(timeout=cancel_wait(grace))
-            if thread.is_alive():
-                self._leave_mid_window()
+        deadline = time.monotonic() + grace
+        for thread in self._worker_threads:
+            thread.join(timeout=max(deadline - time.monotonic(), 0.0))
+        if any(thread.is_alive() for thread in self._worker_threads):
+            for worker in self.workers:
+                if worker.current is not None:
+                    log.info("cancelling_job", job_id=worker.current.id)
+                worker.cancel()  # the job stops at its next check: between whisper windows, or ffmpeg killed
+            deadline = time.monotonic() + cancel_wait(grace)
+            for thread in self._worker_threads:
+                thread.join(timeout=max(deadline - time.monotonic(), 0.0))
+        if any(thread.is_alive() for thread in self._worker_threads):
+            self._leave_mid_window()
         with contextlib.suppress(Exception):
             self.journal.remove_instance(self.owner)
         self.journal.close()
@@ -513,8 +548,7 @@ class Service:
         Returning normally would finalise the interpreter under torch's running thread, which aborts
         the process ("terminate called without an active exception", exit 134).
         """
-        job = self.worker.current
-        if job is not None:
+        for job in [w.current for w in self.workers if w.current is not None]:
             with contextlib.suppress(Exception):
                 self.journal.requeue(job.id, now=time.time())
             log.info("job_requeued", job_id=job.id, folder=job.folder, file=job.rel_path,

@@ -30,7 +30,7 @@ import structlog
 
 from daemon import fsutil, layout, names
 from daemon.config import Config, Folder, Rule
-from daemon.control import JobControl
+from daemon.control import Isolation, JobControl
 from daemon.crashpoints import crash_point
 from daemon.errors import (
     FileChanged,
@@ -74,6 +74,7 @@ class Worker:
         jitter: Callable[[], float] = random.random,
         on_retry: Callable[[Job, float], None] | None = None,
         health: Health | None = None,
+        isolation: Isolation | None = None,
     ) -> None:
         self.config = config
         self.journal = journal
@@ -83,6 +84,9 @@ class Worker:
         self.jitter = jitter
         self.on_retry = on_retry  # told (job, due) so the service can schedule a wake-up
         self.health = health or Health()  # folders the environment pauses (a full outbox, a lost share)
+        # Shared by the workers of one daemon (jobs_in_flight): a job that crashed whisperd before
+        # gets its last attempt with nothing else in flight.
+        self.isolation = isolation or Isolation()
         self.control = JobControl()
         self.current: Job | None = None
         self.progress: float | None = None  # the current job's fraction done, for status lines
@@ -112,8 +116,11 @@ class Worker:
             return None
         crash_point("claimed")
         self.current, self.progress = job, 0.0
+        last_chance = job.crashes == CRASH_LIMIT and job.published_at is None
+        gate = self.isolation.alone if last_chance else self.isolation.shared
         try:
-            self._process(config, job)
+            with gate(self.control.beat):
+                self._process(config, job)
         except (GpuFault, JobCancelled):
             raise
         except Exception as err:
@@ -180,8 +187,8 @@ class Worker:
                     "aside so the others can flow", path=job.rel_path, stage="crash",
                 )
             if job.crashes == CRASH_LIMIT and job.published_at is None:
-                # One more attempt, with nothing else in flight (one worker: this is the only job), so
-                # a crash now is this file's doing and not a coincidence.
+                # One more attempt, with nothing else in flight (run_once's isolation gate), so a
+                # crash now is this file's doing and not a coincidence.
                 bound.warning("isolated_attempt", crashes=job.crashes,
                               reason="whisperd died while processing this file before; if it dies again, the "
                                      "file is set aside")

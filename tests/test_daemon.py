@@ -335,3 +335,25 @@ def test_sigterm_during_a_window_that_cannot_be_interrupted_exits_zero(
     requeued = daemon.event("job_requeued")
     assert requeued is not None and "could not be interrupted" in requeued["reason"], daemon.tail()
     assert "terminate called" not in daemon.tail()
+
+
+def test_files_in_flight_together_share_the_batched_engines_batches(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet
+) -> None:
+    """jobs_in_flight: 3 files dropped at once are prepared side by side and decoded in shared batches;
+    each still ends as its own job, with its own outputs and archived original."""
+    daemon = make_daemon(jobs_in_flight=3)
+    daemon.data["defaults"] |= {"engine": "batched", "condition_on_previous_text": False}
+    daemon.write_config(daemon.data)
+    daemon.start()
+    for name in ("a", "b", "c"):
+        shutil.copy(media_set.speech_mp4, daemon.folder("inbox") / f".{name}.part")
+    for name in ("a", "b", "c"):  # all three appear at once: the three workers claim them together
+        os.rename(daemon.folder("inbox") / f".{name}.part", daemon.folder("inbox") / f"{name}.mp4")
+    done = daemon.wait_done(3, timeout=120)
+    assert {job.state for job in done} == {JobState.DONE}
+    gathered = daemon.events("batch_gathered")
+    assert gathered and max(event["files"] for event in gathered) >= 2, gathered
+    assert files_under(daemon.folder("outbox")) == sorted(f"{n}.{ext}" for n in "abc" for ext in OUTPUTS)
+    assert files_under(daemon.folder("archive")) == ["a.mp4", "b.mp4", "c.mp4"]
+    assert daemon.stop() == 0

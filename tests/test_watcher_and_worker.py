@@ -287,3 +287,45 @@ def test_an_operator_pause_stops_claiming_until_resumed(
         assert journal.resume(held) and not journal.resume(held)
     assert worker.run_once() is not None
     assert journal.get(job_id).state == JobState.DONE  # type: ignore[union-attr]
+
+
+def test_a_job_that_must_run_alone_waits_for_the_others_and_keeps_new_ones_out() -> None:
+    """The isolation gate of jobs_in_flight: an isolated attempt starts only when the jobs beside it
+    are done, and no job starts while it runs; every waiting side keeps beating."""
+    import threading
+    import time
+
+    from daemon.control import Isolation
+
+    gate, order, beats = Isolation(), [], []
+    first_in = threading.Event()
+    release_first = threading.Event()
+
+    def shared_job(name: str, hold: threading.Event | None) -> None:
+        with gate.shared(lambda: beats.append(name)):
+            order.append(f"{name} in")
+            if hold is not None:
+                first_in.set()
+                hold.wait(5)
+            order.append(f"{name} out")
+
+    def lonely_job() -> None:
+        with gate.alone(lambda: beats.append("alone")):
+            order.append("alone in")
+            time.sleep(0.3)
+            order.append("alone out")
+
+    first = threading.Thread(target=shared_job, args=("first", release_first))
+    first.start()
+    first_in.wait(5)
+    lonely = threading.Thread(target=lonely_job)
+    lonely.start()
+    time.sleep(0.6)
+    assert "alone in" not in order and "alone" in beats  # waiting, and beating while it waits
+    release_first.set()
+    time.sleep(0.1)  # the isolated job is in now
+    late = threading.Thread(target=shared_job, args=("late", None))
+    late.start()
+    for thread in (first, lonely, late):
+        thread.join(5)
+    assert order == ["first in", "first out", "alone in", "alone out", "late in", "late out"]

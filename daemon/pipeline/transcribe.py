@@ -221,11 +221,14 @@ class WhisperEngine:
 
     def __init__(self, registry: ModelRegistry) -> None:
         from daemon.pipeline.batched import BatchedEngine
+        from daemon.pipeline.gather import BatchGatherer
 
         self.registry = registry
         # One decode at a time: a GPU runs one model's work well, and the progress hook is global.
         self._lock = threading.Lock()
         self.batched = BatchedEngine(registry, lock=self._lock)
+        # Jobs running side by side (jobs_in_flight) share the batched engine's batches.
+        self.gatherer = BatchGatherer(self.batched.transcribe_many)
 
     @staticmethod
     def _clips(audio: Audio, rule: Rule) -> list[float] | None:
@@ -267,7 +270,7 @@ class WhisperEngine:
         from daemon.pipeline.batched import uses_batched
 
         if uses_batched(rule):
-            return self.batched.transcribe(audio, rule, progress)
+            return self.gatherer.transcribe(audio, rule, progress)
         model = self.registry.get(rule.model)
         options = decode_options(rule, audio, fp16=self.registry.fp16)
         # The spectrogram, a window at a time (whisper would compute the whole file's up front).
