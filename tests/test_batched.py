@@ -229,3 +229,52 @@ def test_speech_across_long_silences_is_packed_into_one_window_and_timed_back() 
     # A silence (1.9 s here, from speech to speech) no longer than the gap packing leaves stays inside the piece.
     short_gap = np.concatenate([voice, np.zeros(int(1.2 * whisper.audio.SAMPLE_RATE), dtype=np.float32), voice])
     assert [len(w.pieces) for w in speech_windows(short_gap, max_gap_s=1.0)] == [1]
+
+
+def test_the_gatherer_batches_ready_jobs_and_keeps_waiting_ones_beating() -> None:
+    """Three jobs asking at once share one batch; a job arriving during a batch waits for the next,
+    reporting (its heartbeat) meanwhile, and a cancellation then takes it out of the queue.
+
+    The decoding is a stand-in that records the batches (the real engine runs in test_daemon)."""
+    import threading
+    import time
+
+    from daemon.errors import JobCancelled
+    from daemon.pipeline.gather import BEAT_EVERY_S, BatchGatherer
+
+    batches: list[int] = []
+
+    def decode(items: Any) -> list[Any]:  # STAND-IN for BatchedEngine.transcribe_many
+        batches.append(len(items))
+        time.sleep(2.5 * BEAT_EVERY_S)
+        return [f"text of {audio}" for audio, _, _ in items]
+
+    gatherer = BatchGatherer(decode)
+    gatherer.expected = lambda: 3
+    results: dict[str, Any] = {}
+
+    def ask(name: str, progress: Any = None) -> None:
+        try:
+            results[name] = gatherer.transcribe(name, None, progress)  # type: ignore[arg-type]
+        except JobCancelled as err:
+            results[name] = err
+
+    first = [threading.Thread(target=ask, args=(n,)) for n in ("a", "b", "c")]
+    for t in first:
+        t.start()
+    time.sleep(0.5)  # the batch of three runs now
+    beats: list[float] = []
+    late = threading.Thread(target=ask, args=("late", beats.append))
+
+    def cancelled(_: float) -> None:
+        raise JobCancelled("shutdown")
+
+    gone = threading.Thread(target=ask, args=("gone", cancelled))
+    late.start()
+    gone.start()
+    for t in (*first, late, gone):
+        t.join(15)
+    assert batches == [3, 1]  # a, b, c together; then late alone (gone left the queue)
+    assert results["a"] == "text of a" and results["late"] == "text of late"
+    assert isinstance(results["gone"], JobCancelled)
+    assert beats and set(beats) == {0.0}  # it beat while it waited behind the first batch

@@ -26,6 +26,7 @@ from daemon.pipeline.transcribe import Progress, Transcript
 log = structlog.get_logger(__name__)
 
 LINGER_S = 0.5  # how long a leader waits for busy jobs still preparing their files
+BEAT_EVERY_S = 1.0  # a job waiting behind another batch reports (heartbeat, cancellation) this often
 
 
 @dataclass(eq=False)
@@ -61,11 +62,22 @@ class BatchGatherer:
             self._waiting.append(request)
             self._cond.notify_all()
             deadline = time.monotonic() + self.linger_s
+            next_beat = time.monotonic() + BEAT_EVERY_S
             while not request.done:
                 if not self._leading and (len(self._waiting) >= self.expected() or time.monotonic() >= deadline):
                     batch, self._waiting, self._leading = self._waiting, [], True
                     break
                 self._cond.wait(max(min(deadline - time.monotonic(), 0.05), 0.005))
+                if progress is not None and time.monotonic() >= next_beat:
+                    # Waiting behind another batch: still this job's heartbeat, and where a shutdown
+                    # cancels it (a request not yet taken leaves the queue; a taken one is ignored).
+                    next_beat = time.monotonic() + BEAT_EVERY_S
+                    try:
+                        progress(0.0)
+                    except BaseException:
+                        if request in self._waiting:
+                            self._waiting.remove(request)
+                        raise
             else:
                 return self._result(request)
         self._lead(batch)
