@@ -25,7 +25,7 @@ from daemon.pipeline.transcribe import Progress, Transcript
 
 log = structlog.get_logger(__name__)
 
-LINGER_S = 0.5  # how long a leader waits for busy jobs still preparing their files
+LINGER_S = 1.0  # how long a leader waits for busy jobs still preparing their files (ffmpeg on a busy CPU)
 BEAT_EVERY_S = 1.0  # a job waiting behind another batch reports (heartbeat, cancellation) this often
 
 
