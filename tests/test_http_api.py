@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -228,9 +229,10 @@ def test_api_job_is_claimed_before_a_waiting_folder_job(tcp: tuple[Daemon, Clien
 
 def test_unix_socket_timeout_and_stop(tmp_path: Path, checkpoint: Path, media_set: MediaSet) -> None:
     """On a unix socket (mode 0660, no tokens): a transcription comes back; a request that waits past
-    http.timeout gets 504 and its upload is dropped; a clean stop removes the socket."""
+    http.timeout gets 504 and its upload is dropped; a reload that changes `http` keeps the running
+    listener; a request waiting when the daemon stops gets 503, the daemon exits 0, the socket is gone."""
     sock = tmp_path / "run" / "api.sock"
-    daemon = _api_daemon(tmp_path, checkpoint, {"listen": f"unix:{sock}", "timeout": "2s"}).start()
+    daemon = _api_daemon(tmp_path, checkpoint, {"listen": f"unix:{sock}", "timeout": "3s"}).start()
     client = Client(f"unix:{sock}")
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
     status, body = client.upload("/v1/audio/transcriptions", media_set.speech_wav, response_format="text")
@@ -241,5 +243,36 @@ def test_unix_socket_timeout_and_stop(tmp_path: Path, checkpoint: Path, media_se
     assert _api_files(daemon) == []
     _whisperd(daemon, "resume", "--folder", "_api")
     daemon.wait_for(lambda: not daemon.jobs(JobState.active()), 30, "the abandoned job to be dropped")
+
+    daemon.write_config({**daemon.data, "http": {"listen": "127.0.0.1:1", "timeout": "5s"}})
+    daemon.signal(signal.SIGHUP)
+    restart = daemon.wait_for(lambda: daemon.event("restart_needed"), 30, "the reload")
+    assert restart["settings"] == ["http"]
+    assert client.request("GET", "/readyz")[0] == 200  # the running listener stays until a restart
+
+    _whisperd(daemon, "pause", "--folder", "_api")
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        answer["status"], answer["body"] = client.upload("/v1/audio/transcriptions", media_set.speech_wav)
+
+    waiting = threading.Thread(target=ask)
+    waiting.start()
+    daemon.wait_for(lambda: daemon.jobs(JobState.active()), 30, "the API job to be queued")
     assert daemon.stop() == 0
+    waiting.join(10)
+    assert answer["status"] == 503 and "stopping" in json.loads(answer["body"])["detail"], answer
     assert not sock.exists()
+
+
+def test_a_taken_port_stops_the_start_with_the_reason(tmp_path: Path, checkpoint: Path) -> None:
+    """`whisperd run` on a port another process listens on exits 1, saying which address, before `ready`."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        listen = f"127.0.0.1:{holder.getsockname()[1]}"
+        daemon = _api_daemon(tmp_path, checkpoint, {"listen": listen}).start(wait_ready=False)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(timeout=60) == 1
+    assert f"cannot listen on {listen}" in daemon.tail()
+    assert daemon.event("ready") is None

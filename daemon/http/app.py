@@ -21,6 +21,7 @@ from whisper.tokenizer import LANGUAGES
 from daemon.errors import RequestRefused
 from daemon.http.jobs import ApiJobs, Ask, Finished, safe_suffix
 from daemon.http.tokens import authorized
+from daemon.journal import JobState
 
 POLL_S = 0.1  # how often a waiting request looks at its job in the journal
 OPEN_PATHS = frozenset({"/healthz"})  # liveness answers without a token (a load balancer's probe)
@@ -76,9 +77,11 @@ def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float)
             finished = await run_in_threadpool(jobs.finished, ended, stem)
         finally:
             await run_in_threadpool(jobs.discard, stem)
-        if not finished.outputs:
+        if finished.job.state == JobState.FAILED:
             # A file whisperd refuses (not media, no audio, too long): the client's to fix.
-            raise RequestRefused(400, finished.job.last_error or f"the job ended {finished.job.state.value}")
+            raise RequestRefused(400, finished.job.last_error or "whisperd could not process the upload")
+        if not finished.outputs:
+            raise RequestRefused(500, f"job {finished.job.id} is done but its outputs are missing")
         return finished
 
     async def openai(task: str, file: UploadFile, model: Optional[str], language: Optional[str],
