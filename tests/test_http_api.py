@@ -21,6 +21,8 @@ import pytest
 from conftest import DAEMON_OUTPUTS, FAST_DECODE, MediaSet, config_data
 from daemon_harness import ROOT, Daemon, drop_file, files_under
 
+from daemon.config import API_FOLDER, parse_config
+from daemon.errors import ConfigError
 from daemon.journal import JobState
 
 pytestmark = pytest.mark.slow
@@ -112,6 +114,22 @@ def _whisperd(daemon: Daemon, *args: str) -> None:
 
 def _api_files(daemon: Daemon) -> list[str]:
     return files_under(Path(daemon.data["state_dir"]) / "api")
+
+
+def test_http_settings_and_the_api_folder(tmp_path: Path, checkpoint: Path) -> None:
+    """`http:` adds a folder `_api` under state_dir/api that is never watched and that no user folder
+    can be named; a listen address that is neither host:port nor unix:/path is refused where it is written."""
+    data = config_data(tmp_path, checkpoint, http={"listen": "[::1]:9000", "priority": 7})
+    config = parse_config(data)
+    api = config.folders[API_FOLDER]
+    assert list(config.watched) == ["media"] and api.priority == 7
+    assert api.inbox == tmp_path / "state" / "api" / "inbox"
+    assert config.rule_for(API_FOLDER, "x.wav").on_success == "delete"
+    assert API_FOLDER not in parse_config(config_data(tmp_path, checkpoint)).folders
+    data = config_data(tmp_path, checkpoint, {"name": API_FOLDER}, http={"listen": "9000"})
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert [p.location for p in err.value.problems] == ["http.listen", "folders[0].name"]
 
 
 @pytest.fixture(scope="module")
