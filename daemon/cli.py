@@ -17,6 +17,7 @@ import structlog
 
 from daemon import __version__, names, preflight, whisper_options
 from daemon.config import (
+    API_FOLDER,
     CheckedFolder,
     Config,
     Folder,
@@ -29,7 +30,16 @@ from daemon.config import (
     read_config_file,
     validate_config,
 )
-from daemon.errors import ConfigError, ConfigProblem, JobError, ModelError, ToolMissing, UsageError, WhisperdError
+from daemon.errors import (
+    ConfigError,
+    ConfigProblem,
+    JobError,
+    ListenerError,
+    ModelError,
+    ToolMissing,
+    UsageError,
+    WhisperdError,
+)
 from daemon.journal import JobState
 from daemon.models import ModelRegistry, is_path_setting, source_problem
 from daemon.operations import OperationError
@@ -180,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"whisperd {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except (OperationError, ToolMissing, ModelError) as err:
+    except (OperationError, ToolMissing, ModelError, ListenerError) as err:
         print(f"whisperd: {err}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -193,7 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     anyway and hands the service the decision to pause those folders.
     """
     config = load_config(args.config)
-    if not config.folders:
+    if not config.watched:
         raise ConfigError([ConfigProblem("folders", "no folders configured: whisperd run has nothing to watch")],
                           args.config)
     blocked = preflight.unwatchable(_checked_folders(config), preflight.User.current())
@@ -210,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _checked_folders(config: Config) -> list[CheckedFolder]:
-    return [CheckedFolder(i, folder) for i, folder in enumerate(config.folders.values())]
+    return [CheckedFolder(i, folder) for i, folder in enumerate(config.watched.values())]
 
 
 def _since(value: str) -> float:
@@ -424,6 +434,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     user = _check_user(args.as_user)
     if not args.file_only:
         findings += preflight.check_folders(checked.folders, user)
+        if checked.settings is not None and checked.settings.http is not None:
+            findings += preflight.check_http(checked.settings.http)
     errors = [f for f in findings if f.level == "error"]
     warnings = [f for f in findings if f.level == "warning"]
 
@@ -439,8 +451,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               "whisperd: add --as-user whisperd)", file=sys.stderr)
     if not checked.problems:
         config = parse_config(data, base_dir=path.resolve().parent, source=path)
-        for name, folder in config.folders.items():
+        for name, folder in config.watched.items():
             _print_folder(config, name, folder)
+        if config.settings.http is not None:
+            _print_api(config)
     return EXIT_USAGE if errors else EXIT_OK
 
 
@@ -459,6 +473,15 @@ def _print_folder(config: Config, name: str, folder: Folder) -> None:
     print(f"  own rule: {_rule_summary(base)}")
     for entry, rule in entries:
         print(f"  match {entry.match!r}: {_rule_summary(rule)}")
+
+
+def _print_api(config: Config) -> None:
+    http = config.settings.http
+    assert http is not None
+    base, _ = config.folder_rules(API_FOLDER)
+    auth = f"bearer tokens from {http.tokens_file}" if http.tokens_file else "no tokens: anyone who reaches it"
+    print(f"\nhttp api: {http.listen} ({auth}), priority {http.priority}, timeout {http.timeout:g} s")
+    print(f"  own rule: {_rule_summary(base)}")
 
 
 def _rule_summary(rule: Rule) -> str:

@@ -301,6 +301,33 @@ def _rule_overrides(entry: BaseModel) -> dict[str, Any]:
     return {k: getattr(entry, k) for k in entry.model_fields_set if k in RULE_FIELDS}
 
 
+# The HTTP API's jobs live in a folder of their own. A leading '_' is outside the pattern every
+# configured folder name must match, so no user folder can take this name.
+API_FOLDER = "_api"
+
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
+
+
+def _listen(value: str) -> str:
+    if value.startswith("unix:"):
+        if not value[len("unix:"):].startswith("/"):
+            raise ValueError(f"a unix socket needs an absolute path (unix:/run/whisperd/api.sock), not {value!r}")
+        return value
+    found = _HOST_PORT.match(value)
+    if found is None or not 0 < int(found.group("port")) < 65536:
+        raise ValueError(f"must be host:port (127.0.0.1:9000, [::1]:9000) or unix:/absolute/path, not {value!r}")
+    return value
+
+
+class HttpSettings(_Strict):
+    """The optional HTTP API: OpenAI- and whisper-asr-webservice-compatible endpoints on the resident model."""
+
+    listen: Annotated[str, AfterValidator(_listen)] = Field("127.0.0.1:9000", description="host:port to listen on (127.0.0.1:9000, [::1]:9000, 0.0.0.0:9000), or unix:/path/to/api.sock")
+    tokens_file: Optional[ConfigPath] = Field(None, description="a file with one bearer token per line (blank lines and '#' comments skipped); when set, every endpoint but /healthz needs 'Authorization: Bearer <token>'")
+    priority: int = Field(100, description="the priority of API jobs: they are claimed before folder jobs of a lower priority (folders default to 0)")
+    timeout: Seconds = Field(3600.0, gt=0, description="how long a request waits for its transcript before it is answered 504")
+
+
 class Settings(_Strict):
     """Process-wide settings."""
 
@@ -321,6 +348,7 @@ class Settings(_Strict):
     retention: Seconds = Field(90 * 86400.0, description="finished jobs older than this leave the journal (files kept in the inbox excepted); 0 keeps them forever")
     model_idle_unload: Seconds = Field(0.0, description="free a model's (GPU) memory after this long with nothing queued; it loads again for the next file (e.g. '10m'); 0 keeps models resident")
     min_free_space: Bytes = Field(1 << 30, description="a folder whose outbox, archive or failed folder, or the state directory, has less free space than this is paused until there is more")
+    http: Optional[HttpSettings] = Field(None, description="the HTTP API; off when absent")
 
 
 class ConfigFile(Settings):
@@ -337,12 +365,19 @@ class Config:
         self.settings = settings
         self.defaults = defaults
         self.folders: dict[str, Folder] = {f.name: f for f in folders}
+        if settings.http is not None:
+            self.folders[API_FOLDER] = api_folder(settings)
         self.source = source
         self._folder_rules: dict[str, tuple[Rule, tuple[tuple[RuleEntry, Rule], ...]]] = {}
         for folder in self.folders.values():
             base = _merge(defaults, folder.overrides())
             entries = tuple((entry, _merge(base, _rule_overrides(entry))) for entry in folder.rules)
             self._folder_rules[folder.name] = (base, entries)
+
+    @property
+    def watched(self) -> dict[str, Folder]:
+        """Return the configured folders: those with an inbox to watch (the API's folder is not one)."""
+        return {name: folder for name, folder in self.folders.items() if name != API_FOLDER}
 
     def rule_for(self, folder: str, relative_path: str) -> Rule:
         """Return the rule for a file: the first matching entry, else the folder's own rule."""
@@ -362,6 +397,23 @@ class Config:
         for base, entries in self._folder_rules.values():
             names += [base.model] + [rule.model for _, rule in entries]
         return list(dict.fromkeys(names))
+
+
+def api_folder(settings: Settings) -> Folder:
+    """Return the folder the HTTP API's jobs go through: under the state directory, never watched.
+
+    Uploads are queued directly; an original is deleted once its outputs are written, and the
+    outputs are named after the upload alone, so the API finds them whatever `defaults:` says.
+    """
+    assert settings.http is not None
+    root = settings.state_dir / "api"
+    folder = Folder.model_validate({
+        "name": "api", "inbox": root / "inbox", "outbox": root / "outbox", "failed": root / "failed",
+        "recursive": False, "priority": settings.http.priority, "on_success": "delete",
+        "output_name": "{stem}.{ext}",
+    })  # fmt: skip
+    named: Folder = folder.model_copy(update={"name": API_FOLDER})  # past the pattern on purpose: no user folder collides
+    return named
 
 
 def _merge(rule: Rule, overrides: Mapping[str, Any]) -> Rule:

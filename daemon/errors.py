@@ -55,6 +55,19 @@ class UsageError(WhisperdError):
     not exist. Reported in one line before any file is touched; the command exits 2."""
 
 
+class ListenerError(WhisperdError):
+    """The HTTP API cannot start: its address is taken or refused, or its tokens file cannot be read."""
+
+
+class RequestRefused(WhisperdError):
+    """An HTTP API request cannot be answered with a transcript; `status` is the HTTP status that says why."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 class ToolError(WhisperdError):
     """An external program failed. Keeps the argv and the last lines of its stderr."""
 

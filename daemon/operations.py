@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -405,6 +405,24 @@ def _owning_folder(config: Config, path: Path) -> Folder | None:
     return None
 
 
+def override_problems(config: Config, folder: str, rel: str, overrides: Mapping[str, Any]) -> list[str]:
+    """Return what is wrong with a file's rule once per-job overrides apply (empty when it is coherent)."""
+    try:
+        rule = apply_overrides(config.rule_for(folder, rel), overrides)
+    except ConfigError as err:
+        return [str(p) for p in err.problems]
+    return rule.problems()
+
+
+def queue_file(journal: Journal, folder: Folder, rel: str, path: Path, overrides: Mapping[str, Any]) -> Job | None:
+    """Return the job queued now for a file in a folder's inbox, with per-job overrides (None: already queued)."""
+    st = path.stat()
+    return journal.enqueue(
+        FileIdentity(folder.name, rel, st.st_size, st.st_mtime_ns),
+        priority=folder.priority, now=time.time(), skip_if_done=False, overrides=overrides,
+    )
+
+
 def enqueue(
     config: Config, journal: Journal, items: Sequence[EnqueueItem], *, folder: str | None = None
 ) -> Outcome:
@@ -431,13 +449,9 @@ def enqueue(
         if owner is not None and not target_folder.accepts(rel):
             problems.append(f"{item.path}: the folder's include/exclude rules or built-in ignores skip it")
             continue
-        try:
-            rule = apply_overrides(config.rule_for(target_folder.name, rel), item.overrides)
-        except ConfigError as err:
-            problems.append(f"{item.path}: {'; '.join(str(p) for p in err.problems)}")
-            continue
-        if rule.problems():
-            problems.append(f"{item.path}: {'; '.join(rule.problems())}")
+        refused = override_problems(config, target_folder.name, rel, item.overrides)
+        if refused:
+            problems.append(f"{item.path}: {'; '.join(refused)}")
             continue
         plans.append((path, target_folder, rel, item.overrides, owner is None))
 
@@ -451,11 +465,7 @@ def enqueue(
             target = fsutil.move_to_free_name(staged, wanted)  # never replaces a file that arrived meanwhile
             rel = names.escape(target.rel.as_posix())
             path = target.path
-        st = path.stat()
-        job = journal.enqueue(
-            FileIdentity(target_folder.name, rel, st.st_size, st.st_mtime_ns),
-            priority=target_folder.priority, now=time.time(), skip_if_done=False, overrides=overrides,
-        )
+        job = queue_file(journal, target_folder, rel, path, overrides)
         label = f"{target_folder.name}/{rel}"
         if job is None:
             outcome.skipped.append(f"{label}: already queued")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from daemon.config import CheckedFolder, Folder
+from daemon.config import CheckedFolder, Folder, HttpSettings
 
 # File systems whose changes made on another machine (or the VM's host) never reach inotify.
 NETWORK_FILESYSTEMS = frozenset({
@@ -263,3 +263,19 @@ def unwatchable(folders: Iterable[CheckedFolder], user: User) -> list[Finding]:
         if problem is not None:
             found.append(Finding(f"folders[{checked.index}].inbox", problem))
     return found
+
+
+def check_http(http: HttpSettings) -> list[Finding]:
+    """Return what the machine lacks for the HTTP API: a tokens file that cannot be read or is empty."""
+    from daemon.errors import ListenerError
+    from daemon.http.tokens import read_tokens
+
+    if http.tokens_file is None:
+        local = http.listen.startswith("unix:") or http.listen.rpartition(":")[0] in ("127.0.0.1", "localhost", "[::1]")
+        return [] if local else [Finding("http.tokens_file", f"not set: anyone who can reach {http.listen} may use "
+                                         "the API", "warning")]
+    try:
+        read_tokens(http.tokens_file)
+    except ListenerError as err:
+        return [Finding("http.tokens_file", str(err))]
+    return []

@@ -2,7 +2,8 @@
 
 Threads: the main thread waits for signals and runs reloads; APScheduler's thread runs the
 stability tick, rescans and retry wake-ups; watchdog runs one observer thread per folder; one
-worker thread processes jobs (one GPU runs one model's work well).
+worker thread processes jobs (one GPU runs one model's work well). With `http:` configured, uvicorn
+serves the HTTP API on a thread of its own; its requests are jobs in the same journal.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import sys
@@ -19,16 +21,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from types import FrameType
+from typing import Any
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon import fsutil, layout, names
 from daemon import log as logsetup
-from daemon.config import Folder, load_config
+from daemon.config import API_FOLDER, Config, Folder, load_config
 from daemon.control import Isolation
 from daemon.errors import ConfigError, GpuFault, ModelError
 from daemon.health import Health
+from daemon.http.jobs import ApiJobs, prepare_area
 from daemon.instances import default_owner, owner_is_dead
 from daemon.journal import FileIdentity, Job, JobState, open_journal
 from daemon.models import ModelRegistry
@@ -48,6 +52,7 @@ STATUS_EVERY_S = 1.0  # how often systemd's STATUS= line is refreshed (sent only
 INSTANCE_BEAT_S = 5.0  # how often this process tells the journal it is alive (and its models)
 WORKER_STALE_S = 120.0  # a worker without a heartbeat this long is not responding (no beat is recorded)
 CANCEL_WAIT_S = 5.0  # after shutdown_grace, at most this long for the job to reach a safe point
+API_SWEEP_S = 600.0  # how often the HTTP API's abandoned files are looked for, and how long past its timeout they stay
 PRUNE_EVERY_S = 6 * 3600.0  # finished jobs past the retention are removed this often (and at start)
 IDLE_UNLOAD_CHECK_S = 15.0  # how often idle models are looked for (model_idle_unload)
 MODEL_LOAD_EXTENSION_S = 900  # EXTEND_TIMEOUT_USEC granted per model loaded before READY=1
@@ -101,6 +106,8 @@ class Service:
         self._test_hang_file = os.environ.get(TEST_HANG_FILE_ENV)
         self._stale_after = float("inf")
         self._watchers_lock = threading.Lock()  # reload and rescan both change observers
+        self.api_jobs: ApiJobs | None = None
+        self.api_server: Any = None  # daemon.http.server.ApiServer, imported only when the API is on
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -118,6 +125,13 @@ class Service:
         for instance in self.journal.instances():  # killed while idle: its beat would linger in status
             if instance.owner != self.owner and owner_is_dead(instance.owner):
                 self.journal.remove_instance(instance.owner)
+        api_socket = None
+        if settings.http is not None:
+            # Before anything runs: a taken port or an unreadable tokens file stops the start here.
+            from daemon.http.server import bind
+
+            prepare_area(self.config.folders[API_FOLDER])
+            api_socket = bind(settings.http.listen)
         self._reconcile_processing_areas()
 
         self.registry = ModelRegistry(settings.model_dir, settings.device, settings.torch_threads,
@@ -140,6 +154,8 @@ class Service:
                                on_retry=self._schedule_wakeup, health=self.health, isolation=isolation)
                         for _ in range(settings.jobs_in_flight)]
         engine.gatherer.expected = lambda: sum(1 for w in self.workers if w.current is not None)
+        if api_socket is not None:
+            self.api_server = self._api_server(api_socket)
         # Without ffmpeg every file would fail: its folders pause until it is installed (said at start too).
         self.health.paused(self.config, time.time())
 
@@ -154,6 +170,9 @@ class Service:
                                max_instances=1, coalesce=True)
         self.scheduler.add_job(self._prune, "interval", seconds=PRUNE_EVERY_S, id="prune", max_instances=1,
                                coalesce=True, next_run_time=datetime.now(timezone.utc))
+        if self.api_jobs is not None:
+            self.scheduler.add_job(self._sweep_api, "interval", seconds=API_SWEEP_S, id="api_sweep",
+                                   max_instances=1, coalesce=True)
         idle_s = self.config.settings.model_idle_unload
         unload_every = min(IDLE_UNLOAD_CHECK_S, max(idle_s / 2, 1.0)) if idle_s > 0 else IDLE_UNLOAD_CHECK_S
         self.scheduler.add_job(self._unload_idle_models, "interval", seconds=unload_every, id="unload",
@@ -167,15 +186,43 @@ class Service:
         due = self.journal.next_due_at(list(self.config.folders))
         if due is not None:
             self._schedule_wakeup(None, due)
-        for folder in self.config.folders.values():
+        for folder in self.config.watched.values():  # API jobs are queued by their requests
             self._start_watcher(folder.name)
         self.scheduler.start()
         for i, worker in enumerate(self.workers):
             thread = threading.Thread(target=self._work, args=(worker,), name=f"worker-{i}", daemon=True)
             self._worker_threads.append(thread)
             thread.start()
+        if self.api_server is not None:
+            self.api_server.start()
         log.info("ready", folders=len(self.config.folders), models=self.registry.loaded())
         self.notifier.ready(self.status_line())
+
+    def _api_server(self, sock: socket.socket) -> Any:
+        """Return the HTTP API's server on a bound socket, sharing this process's journal and models."""
+        from daemon.http.app import create_app
+        from daemon.http.server import ApiServer
+        from daemon.http.tokens import read_tokens
+
+        http = self.config.settings.http
+        assert http is not None
+        try:
+            tokens = read_tokens(http.tokens_file) if http.tokens_file is not None else None
+        except Exception:
+            sock.close()
+            raise
+        self.api_jobs = ApiJobs(lambda: self.config, self.journal, self.registry, self.health,
+                                wake=self._wake.set, stopping=self._stop)
+        return ApiServer(create_app(self.api_jobs, tokens=tokens, timeout_s=http.timeout), http.listen, sock)
+
+    def _sweep_api(self) -> None:
+        """Remove the API's files that no request waits for any more (timed out, or left by a stop)."""
+        http = self.config.settings.http
+        if self.api_jobs is None or http is None:
+            return
+        removed = self.api_jobs.sweep(older_than=time.time() - http.timeout - API_SWEEP_S)
+        if removed:
+            log.info("api_files_removed", files=removed, reason="no request waits for them any more")
 
     def _start_watcher(self, name: str) -> None:
         watcher = FolderWatcher(self.config.folders[name], clock=time.monotonic)
@@ -483,26 +530,31 @@ class Service:
 
     def _apply_new_config(self) -> bool:
         try:
-            new = load_config(self.config_path)
+            new = reread = load_config(self.config_path)
         except ConfigError as err:
             log.error("reload_failed", config=str(self.config_path),
                       problems=[str(p) for p in err.problems], keeping="the running configuration")
             return False
         old = self.config
+        if new.settings.http != old.settings.http:
+            # The listener, its tokens and the API's folder stay as they started until a restart.
+            settings = new.settings.model_copy(update={"http": old.settings.http})
+            new = Config(settings, new.defaults, new.watched.values(), new.source)
         with self._watchers_lock:
             for name, watcher in list(self.watchers.items()):
-                if name not in new.folders or new.folders[name] != old.folders.get(name):
+                if name not in new.watched or new.watched[name] != old.folders.get(name):
                     watcher.stop()
                     del self.watchers[name]
             self.config = new
             logsetup.configure(new.settings.log_format, new.settings.log_level)
-            for name in new.folders:
+            for name in new.watched:
                 if name not in self.watchers:
                     self._start_watcher(name)
                     with contextlib.suppress(OSError):
                         self.watchers[name].scan()
         restart_only = ("state_dir", "device", "cpu_dtype", "jobs_in_flight")
         changed = [key for key in restart_only if getattr(new.settings, key) != getattr(old.settings, key)]
+        changed += ["http"] if reread.settings.http != old.settings.http else []
         if changed:
             log.warning("restart_needed", settings=changed, reason="these settings apply after a restart")
         log.info("reloaded", folders=list(new.folders))
@@ -520,6 +572,8 @@ class Service:
             self.scheduler.shutdown(wait=False)
         for watcher in self.watchers.values():
             watcher.stop()
+        if self.api_server is not None:
+            self.api_server.stop()  # waiting requests are answered 503: _stop is set
         with contextlib.suppress(Exception):
             # Recorded first: if this stop ends in SIGKILL (TimeoutStopSec), the next start knows the
             # job it interrupted did not crash whisperd.

@@ -1,0 +1,164 @@
+"""The HTTP routes: OpenAI's audio endpoints, whisper-asr-webservice's (as Bazarr calls them), health.
+
+Every transcription is a journal job in the API's folder (see `jobs`); a request waits for it,
+polling the journal, and answers from the outputs the worker published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, Any, Literal, Optional
+from urllib.parse import quote
+
+from fastapi import FastAPI, File, Form, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from whisper.tokenizer import LANGUAGES
+
+from daemon.errors import RequestRefused
+from daemon.http.jobs import ApiJobs, Ask, Finished, safe_suffix
+from daemon.http.tokens import authorized
+from daemon.journal import JobState
+
+POLL_S = 0.1  # how often a waiting request looks at its job in the journal
+OPEN_PATHS = frozenset({"/healthz"})  # liveness answers without a token (a load balancer's probe)
+
+OpenAIFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
+AsrOutput = Literal["txt", "vtt", "srt", "tsv", "json"]
+# The whisperd output each OpenAI response_format is answered from.
+OPENAI_SOURCE = {"json": "json", "text": "json", "verbose_json": "json", "srt": "srt", "vtt": "vtt"}
+
+
+def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float) -> FastAPI:
+    """Return the API's FastAPI application over the daemon's journal (no docs page: it would need a CDN)."""
+    app = FastAPI(title="whisperd", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if tokens is not None and request.url.path not in OPEN_PATHS and not authorized(
+            request.headers.get("authorization"), tokens
+        ):
+            return _refusal(RequestRefused(401, "a valid 'Authorization: Bearer <token>' header is needed"),
+                            {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.exception_handler(RequestRefused)
+    async def refused(_request: Request, err: RequestRefused) -> Response:
+        return _refusal(err)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process runs and answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Readiness: not stopping, the API's folder not paused, its model not failing to load."""
+        reason = await run_in_threadpool(jobs.unready)
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def run(upload: UploadFile, ask: Ask, *, raw_pcm: bool = False) -> Finished:
+        """Return the finished job of an upload; raise RequestRefused when it cannot give outputs."""
+        job, stem = await run_in_threadpool(jobs.submit, upload.file, safe_suffix(upload.filename), ask,
+                                            raw_pcm=raw_pcm)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while (ended := await run_in_threadpool(jobs.wait_step, job.id, deadline)) is None:
+                await asyncio.sleep(POLL_S)
+        except RequestRefused:
+            await run_in_threadpool(jobs.abandon, stem)  # not yet taken: the worker drops it
+            raise
+        try:
+            finished = await run_in_threadpool(jobs.finished, ended, stem)
+        finally:
+            await run_in_threadpool(jobs.discard, stem)
+        if finished.job.state == JobState.FAILED:
+            # A file whisperd refuses (not media, no audio, too long): the client's to fix.
+            raise RequestRefused(400, finished.job.last_error or "whisperd could not process the upload")
+        if not finished.outputs:
+            raise RequestRefused(500, f"job {finished.job.id} is done but its outputs are missing")
+        return finished
+
+    async def openai(task: str, file: UploadFile, model: Optional[str], language: Optional[str],
+                     prompt: Optional[str], response_format: OpenAIFormat, temperature: Optional[float]) -> Response:
+        source = OPENAI_SOURCE[response_format]
+        ask = Ask((source,), task=task, language=language, prompt=prompt, temperature=temperature, model=model)
+        finished = await run(file, ask)
+        output = finished.outputs[source]
+        if response_format in ("srt", "vtt"):
+            return PlainTextResponse(output)
+        result = json.loads(output)
+        if response_format == "text":
+            return PlainTextResponse(result["text"].strip() + "\n")
+        if response_format == "json":
+            return JSONResponse({"text": result["text"].strip()})
+        return JSONResponse({
+            "task": task, "language": LANGUAGES.get(result.get("language", ""), result.get("language")),
+            "duration": finished.job.audio_s, "text": result["text"].strip(), "segments": result["segments"],
+        })  # fmt: skip
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(
+        file: Annotated[UploadFile, File()],
+        model: Annotated[Optional[str], Form()] = None,
+        language: Annotated[Optional[str], Form()] = None,
+        prompt: Annotated[Optional[str], Form()] = None,
+        response_format: Annotated[OpenAIFormat, Form()] = "json",
+        temperature: Annotated[Optional[float], Form(ge=0, le=1)] = None,
+    ) -> Response:
+        """OpenAI-compatible transcription (model: a model the config uses, else the default one)."""
+        return await openai("transcribe", file, model, language, prompt, response_format, temperature)
+
+    @app.post("/v1/audio/translations")
+    async def translations(
+        file: Annotated[UploadFile, File()],
+        model: Annotated[Optional[str], Form()] = None,
+        prompt: Annotated[Optional[str], Form()] = None,
+        response_format: Annotated[OpenAIFormat, Form()] = "json",
+        temperature: Annotated[Optional[float], Form(ge=0, le=1)] = None,
+    ) -> Response:
+        """OpenAI-compatible translation into English."""
+        return await openai("translate", file, model, None, prompt, response_format, temperature)
+
+    @app.post("/asr")
+    async def asr(
+        audio_file: Annotated[UploadFile, File()],
+        task: Annotated[Literal["transcribe", "translate"], Query()] = "transcribe",
+        language: Annotated[Optional[str], Query()] = None,
+        initial_prompt: Annotated[Optional[str], Query()] = None,
+        output: Annotated[AsrOutput, Query()] = "txt",
+        encode: Annotated[bool, Query(description="false: the upload is raw 16-bit 16 kHz mono PCM")] = True,
+        word_timestamps: Annotated[bool, Query()] = False,
+        vad_filter: Annotated[bool, Query(description="accepted; whisperd's own silence and speech detection "
+                                                      "follow its config")] = False,
+    ) -> Response:
+        """whisper-asr-webservice's /asr, as Bazarr's whisper provider calls it."""
+        ask = Ask((output,), task=task, language=language, prompt=initial_prompt, word_timestamps=word_timestamps)
+        finished = await run(audio_file, ask, raw_pcm=not encode)
+        name = quote(audio_file.filename or "audio")
+        return PlainTextResponse(finished.outputs[output], headers={
+            "Asr-Engine": "whisperd", "Content-Disposition": f'attachment; filename="{name}.{output}"'})
+
+    @app.post("/detect-language")
+    async def detect_language(
+        audio_file: Annotated[UploadFile, File()],
+        encode: Annotated[bool, Query()] = True,
+    ) -> dict[str, Any]:
+        """whisper-asr-webservice's /detect-language: the language whisper detects (the whole file is decoded)."""
+        finished = await run(audio_file, Ask(("json",)), raw_pcm=not encode)
+        code = json.loads(finished.outputs["json"]).get("language", "")
+        return {"detected_language": LANGUAGES.get(code, code), "language_code": code}
+
+    return app
+
+
+def _refusal(err: RequestRefused, headers: dict[str, str] | None = None) -> Response:
+    """Return a refusal both ways clients read one: OpenAI's `error.message` and FastAPI's `detail`."""
+    kind = "invalid_request_error" if err.status < 500 else "server_error"
+    return JSONResponse({"error": {"message": err.reason, "type": kind}, "detail": err.reason},
+                        status_code=err.status, headers=headers)

@@ -1,0 +1,296 @@
+"""The HTTP API end to end: a real daemon, a real listener (TCP and a unix socket), real uploads."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pysubs2
+import pytest
+from conftest import DAEMON_OUTPUTS, FAST_DECODE, MediaSet, config_data
+from daemon_harness import ROOT, Daemon, drop_file, files_under
+
+from daemon.config import API_FOLDER, parse_config
+from daemon.errors import ConfigError
+from daemon.journal import JobState
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "s3cret-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """http.client over a connected AF_UNIX socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+class Client:
+    """A minimal HTTP client for one listener: `host:port` or `unix:/path`, with an optional token."""
+
+    def __init__(self, listen: str, token: str | None = None) -> None:
+        self.listen = listen
+        self.token = token
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self.listen.startswith("unix:"):
+            return _UnixConnection(self.listen[len("unix:"):], timeout)
+        host, _, port = self.listen.rpartition(":")
+        return http.client.HTTPConnection(host, int(port), timeout=timeout)
+
+    def request(self, method: str, path: str, *, fields: dict[str, str] | None = None,
+                files: dict[str, tuple[str, bytes]] | None = None, token: str | None = None,
+                timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+        """Return status, headers and body; a multipart/form-data body when fields or files are given."""
+        headers: dict[str, str] = {}
+        body = None
+        if fields is not None or files is not None:
+            boundary = uuid.uuid4().hex
+            parts = []
+            for name, value in (fields or {}).items():
+                parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+                             .encode())
+            for name, (filename, data) in (files or {}).items():
+                parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                             f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+                             + data + b"\r\n")
+            body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+            headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+        given = token if token is not None else self.token
+        if given is not None:
+            headers["Authorization"] = f"Bearer {given}"
+        conn = self._connection(timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            conn.close()
+
+    def upload(self, path: str, source: Path, *, name: str = "file", **fields: str) -> tuple[int, bytes]:
+        """POST a file as multipart `name`, with form fields; return status and body."""
+        status, _, body = self.request("POST", path, fields=fields, files={name: (source.name, source.read_bytes())})
+        return status, body
+
+
+def _api_daemon(root: Path, checkpoint: Path, http: dict[str, Any]) -> Daemon:
+    """Return a daemon (not started) with folder 'media' and the HTTP API, as make_daemon configures one."""
+    data = config_data(root, checkpoint, {"stability_delay": 0.5}, log_format="json", rescan_interval=3600,
+                       shutdown_grace=10, http=http)
+    data["defaults"] |= {**FAST_DECODE, "sample_len": 8, "output_formats": list(DAEMON_OUTPUTS),
+                         "retry_base_delay": 0.3, "retry_max_delay": 2}
+    Path(data["folders"][0]["inbox"]).mkdir(parents=True, exist_ok=True)
+    return Daemon(root, data)
+
+
+def _whisperd(daemon: Daemon, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "daemon", *args, "--config", str(daemon.config_path)],
+                   cwd=ROOT, check=True, capture_output=True)
+
+
+def _api_files(daemon: Daemon) -> list[str]:
+    return files_under(Path(daemon.data["state_dir"]) / "api")
+
+
+def test_http_settings_and_the_api_folder(tmp_path: Path, checkpoint: Path) -> None:
+    """`http:` adds a folder `_api` under state_dir/api that is never watched and that no user folder
+    can be named; a listen address that is neither host:port nor unix:/path is refused where it is written."""
+    data = config_data(tmp_path, checkpoint, http={"listen": "[::1]:9000", "priority": 7})
+    config = parse_config(data)
+    api = config.folders[API_FOLDER]
+    assert list(config.watched) == ["media"] and api.priority == 7
+    assert api.inbox == tmp_path / "state" / "api" / "inbox"
+    assert config.rule_for(API_FOLDER, "x.wav").on_success == "delete"
+    assert API_FOLDER not in parse_config(config_data(tmp_path, checkpoint)).folders
+    data = config_data(tmp_path, checkpoint, {"name": API_FOLDER}, http={"listen": "9000"})
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert [p.location for p in err.value.problems] == ["http.listen", "folders[0].name"]
+
+
+@pytest.fixture(scope="module")
+def tcp(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[tuple[Daemon, Client]]:
+    """One daemon for the module, listening on 127.0.0.1 with a tokens file."""
+    root = tmp_path_factory.mktemp("http-tcp")
+    (root / "tokens").write_text(f"# API clients\n\nother-token\n{TOKEN}\n")
+    listen = f"127.0.0.1:{_free_port()}"
+    daemon = _api_daemon(root, checkpoint, {"listen": listen, "tokens_file": str(root / "tokens")}).start()
+    yield daemon, Client(listen, TOKEN)
+    if daemon.proc is not None and daemon.proc.poll() is None:
+        assert daemon.stop() == 0
+
+
+def test_healthz_is_open_and_everything_else_needs_a_token(tcp: tuple[Daemon, Client]) -> None:
+    """/healthz answers anyone; /readyz and uploads answer 401 without the token or with a wrong one."""
+    _, client = tcp
+    assert client.request("GET", "/healthz", token="")[0] == 200
+    assert client.request("GET", "/readyz")[0] == 200
+    status, headers, body = client.request("GET", "/readyz", token="wrong")
+    assert status == 401 and headers["www-authenticate"] == "Bearer"
+    assert "Bearer" in json.loads(body)["error"]["message"]
+    status, _, _ = client.request("POST", "/v1/audio/transcriptions", token="wrong",
+                                  files={"file": ("a.wav", b"RIFF")})
+    assert status == 401
+
+
+def test_openai_transcription_formats(tcp: tuple[Daemon, Client], media_set: MediaSet) -> None:
+    """srt parses with cues, vtt starts WEBVTT, json has text, verbose_json has language, duration and
+    segments; the API's folders are empty afterwards."""
+    daemon, client = tcp
+    status, body = client.upload("/v1/audio/transcriptions", media_set.speech_mp3, model="whisper-1",
+                                 response_format="srt")
+    assert status == 200, body
+    subs = pysubs2.SSAFile.from_string(body.decode(), format_="srt")
+    assert len(subs) >= 1 and all(line.text.strip() for line in subs)
+    status, body = client.upload("/v1/audio/transcriptions", media_set.speech_mp4, response_format="vtt")
+    assert status == 200 and body.startswith(b"WEBVTT"), body
+    status, body = client.upload("/v1/audio/transcriptions", media_set.speech_wav)
+    assert status == 200 and isinstance(json.loads(body)["text"], str), body
+    status, body = client.upload("/v1/audio/transcriptions", media_set.speech_wav, language="en",
+                                 response_format="verbose_json", temperature="0")
+    result = json.loads(body)
+    assert status == 200 and result["language"] == "english" and result["task"] == "transcribe", body
+    assert 1.0 < result["duration"] < 10.0 and result["segments"]
+    assert _api_files(daemon) == []
+
+
+def test_refused_upload_is_400_with_the_reason_and_the_api_keeps_serving(
+    tcp: tuple[Daemon, Client], media_set: MediaSet
+) -> None:
+    """A text file named .mp4 gets 400 with whisperd's reason; a bad language gets 400 before any
+    job; the next upload is transcribed, and no file of either is left behind."""
+    daemon, client = tcp
+    status, body = client.upload("/v1/audio/transcriptions", media_set.not_media)
+    reason = json.loads(body)["error"]["message"]
+    assert status == 400 and "notes.mp4" not in reason and reason, body  # the client's name never reaches disk
+    status, body = client.upload("/v1/audio/transcriptions", media_set.speech_wav, language="klingon")
+    assert status == 400 and "klingon" in json.loads(body)["detail"], body
+    status, body = client.upload("/v1/audio/transcriptions", media_set.speech_wav, response_format="text")
+    assert status == 200, body
+    assert _api_files(daemon) == []
+    failed = [j for j in daemon.jobs() if j.folder == "_api" and j.state == JobState.FAILED]
+    assert len(failed) == 1 and failed[0].last_error
+
+
+def test_asr_as_bazarr_calls_it(tcp: tuple[Daemon, Client], media_set: MediaSet) -> None:
+    """/asr with raw 16 kHz PCM (encode=false) returns srt; /detect-language names a language."""
+    _, client = tcp
+    pcm = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(media_set.speech_wav), "-f", "s16le",
+                          "-ac", "1", "-ar", "16000", "-"], check=True, capture_output=True).stdout
+    status, headers, body = client.request(
+        "POST", "/asr?task=transcribe&language=en&output=srt&encode=false&word_timestamps=false&vad_filter=true",
+        files={"audio_file": ("episode.mkv", pcm)})
+    assert status == 200, body
+    assert headers["content-disposition"] == 'attachment; filename="episode.mkv.srt"'
+    assert len(pysubs2.SSAFile.from_string(body.decode(), format_="srt")) >= 1
+    status, body = client.upload("/detect-language", media_set.speech_mp3, name="audio_file")
+    found = json.loads(body)
+    assert status == 200 and len(found["language_code"]) in (2, 3) and found["detected_language"], body
+
+
+def test_api_job_is_claimed_before_a_waiting_folder_job(tcp: tuple[Daemon, Client], media_set: MediaSet) -> None:
+    """With everything paused, a folder file queued first and an API request queued second: on resume
+    the API job runs first (http.priority 100 over the folder's 0). readyz says 503 while paused."""
+    daemon, client = tcp
+    _whisperd(daemon, "pause")
+    try:
+        status, _, body = client.request("GET", "/readyz")
+        assert status == 503 and "paused" in json.loads(body)["reason"], body
+        drop_file(media_set.speech_wav, daemon.folder("inbox") / "waiting.wav")
+        daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.QUEUED]) if j.folder == "media"], 30,
+                        "the folder job to be queued")
+        answer: dict[str, Any] = {}
+
+        def ask() -> None:
+            answer["status"], answer["body"] = client.upload("/v1/audio/transcriptions", media_set.speech_wav)
+
+        request = threading.Thread(target=ask)
+        request.start()
+        daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.QUEUED]) if j.folder == "_api"], 30,
+                        "the API job to be queued")
+    finally:
+        _whisperd(daemon, "resume")
+    request.join(60)
+    assert answer["status"] == 200, answer
+    folder_job = daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.DONE]) if j.rel_path == "waiting.wav"],
+                                 60, "the folder job")[0]
+    api_job = max((j for j in daemon.jobs([JobState.DONE]) if j.folder == "_api"), key=lambda j: j.id)
+    assert api_job.created_at > folder_job.created_at
+    assert api_job.started_at is not None and folder_job.started_at is not None
+    assert api_job.started_at < folder_job.started_at
+    assert client.request("GET", "/readyz")[0] == 200
+
+
+def test_unix_socket_timeout_and_stop(tmp_path: Path, checkpoint: Path, media_set: MediaSet) -> None:
+    """On a unix socket (mode 0660, no tokens): a transcription comes back; a request that waits past
+    http.timeout gets 504 and its upload is dropped; a reload that changes `http` keeps the running
+    listener; a request waiting when the daemon stops gets 503, the daemon exits 0, the socket is gone."""
+    sock = tmp_path / "run" / "api.sock"
+    daemon = _api_daemon(tmp_path, checkpoint, {"listen": f"unix:{sock}", "timeout": "3s"}).start()
+    client = Client(f"unix:{sock}")
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+    status, body = client.upload("/v1/audio/transcriptions", media_set.speech_wav, response_format="text")
+    assert status == 200 and body.endswith(b"\n"), body
+    _whisperd(daemon, "pause", "--folder", "_api")
+    status, body = client.upload("/v1/audio/transcriptions", media_set.speech_wav)
+    assert status == 504, body
+    assert _api_files(daemon) == []
+    _whisperd(daemon, "resume", "--folder", "_api")
+    daemon.wait_for(lambda: not daemon.jobs(JobState.active()), 30, "the abandoned job to be dropped")
+
+    daemon.write_config({**daemon.data, "http": {"listen": "127.0.0.1:1", "timeout": "5s"}})
+    daemon.signal(signal.SIGHUP)
+    restart = daemon.wait_for(lambda: daemon.event("restart_needed"), 30, "the reload")
+    assert restart["settings"] == ["http"]
+    assert client.request("GET", "/readyz")[0] == 200  # the running listener stays until a restart
+
+    _whisperd(daemon, "pause", "--folder", "_api")
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        answer["status"], answer["body"] = client.upload("/v1/audio/transcriptions", media_set.speech_wav)
+
+    waiting = threading.Thread(target=ask)
+    waiting.start()
+    daemon.wait_for(lambda: daemon.jobs(JobState.active()), 30, "the API job to be queued")
+    assert daemon.stop() == 0
+    waiting.join(10)
+    assert answer["status"] == 503 and "stopping" in json.loads(answer["body"])["detail"], answer
+    assert not sock.exists()
+
+
+def test_a_taken_port_stops_the_start_with_the_reason(tmp_path: Path, checkpoint: Path) -> None:
+    """`whisperd run` on a port another process listens on exits 1, saying which address, before `ready`."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        listen = f"127.0.0.1:{holder.getsockname()[1]}"
+        daemon = _api_daemon(tmp_path, checkpoint, {"listen": listen}).start(wait_ready=False)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(timeout=60) == 1
+    assert f"cannot listen on {listen}" in daemon.tail()
+    assert daemon.event("ready") is None
