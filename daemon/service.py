@@ -201,6 +201,7 @@ class Service:
     def _api_server(self, sock: socket.socket) -> Any:
         """Return the HTTP API's server on a bound socket, sharing this process's journal and models."""
         from daemon.http.app import create_app
+        from daemon.http.limits import BodyLimit
         from daemon.http.server import ApiServer
         from daemon.http.tokens import read_tokens
 
@@ -213,7 +214,8 @@ class Service:
             raise
         self.api_jobs = ApiJobs(lambda: self.config, self.journal, self.registry, self.health,
                                 wake=self._wake.set, stopping=self._stop)
-        return ApiServer(create_app(self.api_jobs, tokens=tokens, timeout_s=http.timeout), http.listen, sock)
+        app = BodyLimit(create_app(self.api_jobs, tokens=tokens, timeout_s=http.timeout), http.max_upload)
+        return ApiServer(app, http.listen, sock)
 
     def _sweep_api(self) -> None:
         """Remove the API's files that no request waits for any more (timed out, or left by a stop)."""

@@ -21,13 +21,16 @@ import pytest
 from conftest import DAEMON_OUTPUTS, FAST_DECODE, MediaSet, config_data
 from daemon_harness import ROOT, Daemon, drop_file, files_under
 
-from daemon.config import API_FOLDER, parse_config
+from daemon.config import API_FOLDER, parse_config, parse_size
 from daemon.errors import ConfigError
 from daemon.journal import JobState
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "s3cret-token"
+
+
+MAX_UPLOAD = "2M"  # the module daemon's http.max_upload: the test recordings are far smaller
 
 
 def _free_port() -> int:
@@ -138,7 +141,8 @@ def tcp(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[
     root = tmp_path_factory.mktemp("http-tcp")
     (root / "tokens").write_text(f"# API clients\n\nother-token\n{TOKEN}\n")
     listen = f"127.0.0.1:{_free_port()}"
-    daemon = _api_daemon(root, checkpoint, {"listen": listen, "tokens_file": str(root / "tokens")}).start()
+    daemon = _api_daemon(root, checkpoint, {"listen": listen, "tokens_file": str(root / "tokens"),
+                                            "max_upload": MAX_UPLOAD}).start()
     yield daemon, Client(listen, TOKEN)
     if daemon.proc is not None and daemon.proc.poll() is None:
         assert daemon.stop() == 0
@@ -155,6 +159,42 @@ def test_healthz_is_open_and_everything_else_needs_a_token(tcp: tuple[Daemon, Cl
     status, _, _ = client.request("POST", "/v1/audio/transcriptions", token="wrong",
                                   files={"file": ("a.wav", b"RIFF")})
     assert status == 401
+
+
+def test_an_upload_over_max_upload_is_413_before_it_is_stored(tcp: tuple[Daemon, Client]) -> None:
+    """A declared Content-Length over http.max_upload, and a chunked body that grows past it, are both
+    answered 413 with the reason; nothing reaches the API's folders and the API keeps serving."""
+    daemon, client = tcp
+    host, _, port = client.listen.rpartition(":")
+    # Only the headers are sent: the answer comes before a byte of the body is read.
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest("POST", "/v1/audio/transcriptions")
+        for name, value in (("Authorization", f"Bearer {TOKEN}"), ("Content-Type", "multipart/form-data; boundary=x"),
+                            ("Content-Length", str(parse_size(MAX_UPLOAD) + 1))):
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 413 and "max_upload" in json.loads(body)["error"]["message"], body
+    finally:
+        conn.close()
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        head = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
+                b"Content-Type: application/octet-stream\r\n\r\n")
+        chunks = iter([head] + [b"\0" * 65536] * (parse_size(MAX_UPLOAD) // 65536 + 8) + [b"\r\n--x--\r\n"])
+        conn.request("POST", "/v1/audio/transcriptions", body=chunks, encode_chunked=True,
+                     headers={"Authorization": f"Bearer {TOKEN}",
+                              "Content-Type": "multipart/form-data; boundary=x"})
+        response = conn.getresponse()
+        assert response.status == 413, response.read()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may close the connection while the client still sends: also a refusal
+    finally:
+        conn.close()
+    assert _api_files(daemon) == []
+    assert client.request("GET", "/readyz")[0] == 200
 
 
 def test_openai_transcription_formats(tcp: tuple[Daemon, Client], media_set: MediaSet) -> None:
@@ -194,6 +234,16 @@ def test_refused_upload_is_400_with_the_reason_and_the_api_keeps_serving(
     assert _api_files(daemon) == []
     failed = [j for j in daemon.jobs() if j.folder == "_api" and j.state == JobState.FAILED]
     assert len(failed) == 1 and failed[0].last_error
+    # A name without an extension is stored as <random>.bin, and cleaned up like any other.
+    status, _, body = client.request("POST", "/v1/audio/transcriptions", files={"file": ("blob", b"not media")})
+    assert status == 400, body
+    assert _api_files(daemon) == []
+    # A request FastAPI cannot validate is a 400 with the reason, as OpenAI answers, not a 422.
+    status, _, body = client.request("POST", "/v1/audio/transcriptions", fields={"response_format": "xml"},
+                                     files={"file": ("a.wav", media_set.speech_wav.read_bytes())})
+    assert status == 400 and "response_format" in json.loads(body)["error"]["message"], body
+    status, _, body = client.request("POST", "/v1/audio/transcriptions", fields={"model": "whisper-1"})
+    assert status == 400 and "file" in json.loads(body)["error"]["message"], body
 
 
 def test_asr_as_bazarr_calls_it(tcp: tuple[Daemon, Client], media_set: MediaSet) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Optional
 from urllib.parse import quote
 
 from fastapi import FastAPI, File, Form, Query, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from whisper.tokenizer import LANGUAGES
@@ -49,6 +50,13 @@ def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float)
     async def refused(_request: Request, err: RequestRefused) -> Response:
         return _refusal(err)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError) -> Response:
+        # A missing file or a response_format it does not know: 400 as OpenAI answers, not FastAPI's 422.
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
+                             for e in err.errors())
+        return _refusal(RequestRefused(400, problems or "invalid request"))
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """Liveness: the process runs and answers."""
@@ -70,8 +78,8 @@ def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float)
         try:
             while (ended := await run_in_threadpool(jobs.wait_step, job.id, deadline)) is None:
                 await asyncio.sleep(POLL_S)
-        except RequestRefused:
-            await run_in_threadpool(jobs.abandon, stem)  # not yet taken: the worker drops it
+        except BaseException:  # a refusal, or the request cancelled (the server stopping)
+            jobs.abandon(stem)  # not yet taken: the worker drops it (a few unlinks: fine on the loop)
             raise
         try:
             finished = await run_in_threadpool(jobs.finished, ended, stem)

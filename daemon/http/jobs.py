@@ -108,7 +108,8 @@ class ApiJobs:
         config = self.config()
         folder = config.folders[API_FOLDER]
         stem = uuid.uuid4().hex
-        name = stem + (".wav" if raw_pcm else suffix)
+        # Always a suffix: every file of the request is found by "<stem>." when it is cleaned up.
+        name = stem + (".wav" if raw_pcm else suffix or ".bin")
         overrides = ask.overrides(config)
         refused = override_problems(config, API_FOLDER, name, overrides)
         if refused:

@@ -13,10 +13,10 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 import uvicorn
-from fastapi import FastAPI
 
 from daemon.errors import ListenerError
 
@@ -73,7 +73,7 @@ def _bind_unix(path: Path) -> socket.socket:
 class ApiServer:
     """The API's uvicorn server, running on its own thread until stop()."""
 
-    def __init__(self, app: FastAPI, listen: str, sock: socket.socket) -> None:
+    def __init__(self, app: Any, listen: str, sock: socket.socket) -> None:  # an ASGI app
         self.listen = listen
         self.sock = sock  # bound by bind(), early in the daemon's start
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False,

@@ -1,0 +1,77 @@
+"""A ceiling on request bodies, enforced before FastAPI spools an upload to disk.
+
+FastAPI (Starlette) writes a multipart upload to a temporary file before any route sees it, so a
+route cannot refuse a body that is too large: this wrapper does, at the ASGI level. A declared
+Content-Length over the limit is answered 413 before a byte is read; a body sent without one (chunked)
+is cut off at the limit, and whatever the app would answer then is replaced by the 413.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Wraps an ASGI app: HTTP requests whose body exceeds `limit` bytes are answered 413."""
+
+    def __init__(self, app: App, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.limit <= 0:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        received = 0
+        too_large = False  # once set, whatever the app answers is replaced by the 413
+        answered = False
+
+        async def counted() -> Message:
+            nonlocal received, too_large
+            if too_large:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    too_large = True
+                    raise _TooLarge
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal answered
+            if not too_large:
+                await send(message)
+            elif not answered:
+                answered = True
+                await self._refuse(send)
+
+        with contextlib.suppress(_TooLarge):  # the app may let it through: then it ends here
+            await self.app(scope, counted, watched)
+        if too_large and not answered:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        reason = f"the upload is larger than http.max_upload ({self.limit} bytes)"
+        body = json.dumps({"error": {"message": reason, "type": "invalid_request_error"}, "detail": reason}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
