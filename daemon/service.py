@@ -130,9 +130,15 @@ class Service:
             # Before anything runs: a taken port or an unreadable tokens file stops the start here.
             from daemon.http.server import bind
 
-            prepare_area(self.config.folders[API_FOLDER])
             api_socket = bind(settings.http.listen)
-        self._reconcile_processing_areas()
+            # No request of an earlier process waits any more: its jobs would be transcribed for nobody.
+            for job in self.journal.jobs(JobState.active()):
+                if job.folder == API_FOLDER:
+                    self.journal.drop(job.id)
+                    log.info("api_job_dropped", job_id=job.id, reason="its request ended with the last process")
+        self._reconcile_processing_areas()  # their copies go back to the API's inbox …
+        if settings.http is not None:
+            prepare_area(self.config.folders[API_FOLDER])  # … which is emptied here
 
         self.registry = ModelRegistry(settings.model_dir, settings.device, settings.torch_threads,
                                       cpu_dtype=settings.cpu_dtype, mirror=settings.model_mirror)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import media
 import pysubs2
 import pytest
 from conftest import DAEMON_OUTPUTS, FAST_DECODE, MediaSet, config_data
@@ -344,3 +346,37 @@ def test_a_taken_port_stops_the_start_with_the_reason(tmp_path: Path, checkpoint
         assert daemon.proc.wait(timeout=60) == 1
     assert f"cannot listen on {listen}" in daemon.tail()
     assert daemon.event("ready") is None
+
+
+def test_requests_of_a_killed_daemon_are_not_transcribed_for_nobody(
+    tmp_path: Path, checkpoint: Path, media_set: MediaSet
+) -> None:
+    """kill -9 while a request's job waits: the next start drops that job (its client is gone) and
+    leaves none of its files; the folders' own work is untouched."""
+    listen = f"127.0.0.1:{_free_port()}"
+    daemon = _api_daemon(tmp_path, checkpoint, {"listen": listen})
+    daemon.data["defaults"]["sample_len"] = 224  # a long clip stays in transcription while the test acts
+    daemon.write_config(daemon.data)
+    daemon.start()
+    client = Client(listen)
+    long = media.tone_wav(tmp_path / "long.wav", seconds=600)
+    waiting = threading.Thread(target=lambda: _swallow(lambda: client.upload("/v1/audio/transcriptions", long)))
+    waiting.start()
+    daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.RUNNING]) if j.folder == "_api"], 60,
+                    "the API job to run")
+    daemon.kill()  # its upload is in the processing area, its job RUNNING: a restart would resume it
+    waiting.join(10)
+    daemon.start()
+    assert not [j for j in daemon.jobs() if j.folder == "_api"]  # not resumed for a client that is gone
+    assert _api_files(daemon) == []
+    assert daemon.event("api_job_dropped") is not None
+    drop_file(media_set.speech_wav, daemon.folder("inbox") / "after.wav")
+    [done] = daemon.wait_done(1, timeout=60)
+    assert done.state == JobState.DONE
+    assert daemon.stop() == 0
+
+
+def _swallow(call: Any) -> None:
+    """Run a request whose connection the test breaks (the daemon is killed under it)."""
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        call()
