@@ -17,12 +17,12 @@ from fastapi import FastAPI, File, Form, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
-from whisper.tokenizer import LANGUAGES
 
 from daemon.errors import RequestRefused
 from daemon.http.jobs import ApiJobs, Ask, Finished, safe_suffix
 from daemon.http.tokens import authorized
 from daemon.journal import JobState
+from daemon.languages import LANGUAGES
 
 POLL_S = 0.1  # how often a waiting request looks at its job in the journal
 OPEN_PATHS = frozenset({"/healthz"})  # liveness answers without a token (a load balancer's probe)

@@ -170,8 +170,7 @@ class BatchedEngine:
                     self._collect(model, rule, item)
                     item.features = item.mel = None  # the batch's tensors are no longer needed
                     item.file.done += 1
-                    if item.file.progress is not None and item.file.windows:
-                        item.file.progress(min(item.file.done / len(item.file.windows), 0.999))
+                    self._beat([item])
         for f in group:
             f.segments.sort(key=lambda seg: seg["start"])
 

@@ -67,7 +67,10 @@ class BatchGatherer:
                 if not self._leading and (len(self._waiting) >= self.expected() or time.monotonic() >= deadline):
                     batch, self._waiting, self._leading = self._waiting, [], True
                     break
-                self._cond.wait(max(min(deadline - time.monotonic(), 0.05), 0.005))
+                left = deadline - time.monotonic()
+                # Until the deadline, short waits; after it, only a batch ending (it notifies) changes
+                # anything: no need to spin at 200 Hz behind a batch that takes minutes.
+                self._cond.wait(max(min(left, 0.05), 0.005) if left > 0 else 0.25)
                 if progress is not None and time.monotonic() >= next_beat:
                     # Waiting behind another batch: still this job's heartbeat, and where a shutdown
                     # cancels it (a request not yet taken leaves the queue; a taken one is ignored).
