@@ -35,11 +35,12 @@ YAML
   until grep -q '"event": "ready"' "$d/log.json"; do sleep 0.2; done
   cp "$audio"/*.wav "$audio"/*.flac "$audio"/*.mp3 "$audio"/*.ogg "$root/tests/fixtures/jfk.flac" "$d/stage/" 2>/dev/null || true
   count=$(ls "$d/stage" | wc -l)
-  start=$(date +%s.%N)
+  start=$(date +%s%N)
   mv "$d/stage"/* "$d/inbox/"
   until [ "$(ls "$d/out" 2>/dev/null | wc -l)" -ge "$count" ]; do sleep 0.2; done
-  end=$(date +%s.%N)
-  echo "jobs_in_flight=$n files=$count seconds=$(echo "$end - $start" | bc) shared_batches=$(grep -c batch_gathered "$d/log.json" || true)"
+  end=$(date +%s%N)
+  ms=$(( (end - start) / 1000000 ))
+  echo "jobs_in_flight=$n files=$count seconds=$((ms / 1000)).$(printf '%03d' $((ms % 1000))) shared_batches=$(grep -c batch_gathered "$d/log.json" || true)"
   kill -TERM "$pid"; wait "$pid" || true
 done
 first=$1

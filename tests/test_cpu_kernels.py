@@ -86,3 +86,19 @@ def test_float32_vocabulary_weights_keep_whispers_own_projection(plain: whisper.
     with torch.no_grad():
         fine_tuned.decoder.token_embedding.weight.add_(1e-5)  # no longer float16 values
     assert type(optimise_for_cpu(fine_tuned, "float32").decoder) is whisper.model.TextDecoder
+
+
+def test_the_cpu_dtype_setting_reaches_the_loaded_model(pretrained: Pretrained) -> None:
+    """cpu_dtype from the config is what the registry loads: float32 by default, bfloat16 when asked;
+    any other value is a config error."""
+    from daemon.config import Settings
+    from daemon.models import ModelRegistry
+
+    assert Settings().cpu_dtype == "float32"
+    with pytest.raises(ValueError, match="cpu_dtype"):
+        Settings.model_validate({"cpu_dtype": "int8"})
+    for dtype, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        registry = ModelRegistry(pretrained.model_dir, device="cpu", cpu_dtype=dtype)
+        model = registry.get(str(pretrained.base))
+        assert model.encoder.conv1.weight.dtype == expected
+        assert model.decoder.blocks[0].cross_attn.key.weight.dtype == expected
