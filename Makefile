@@ -14,8 +14,9 @@ BIN := $(VENV)/bin
 # util-linux (prlimit, ionice) and coreutils (nice) run ffmpeg under limits; both are essential on Debian.
 RUN_PACKAGES  := ffmpeg python3-venv util-linux
 # systemd and procps: the tests verify the unit files with systemd-analyze (ExecReload uses /bin/kill);
-# strace: the hostile-input corpus traces the daemon's system calls.
-TEST_PACKAGES := $(RUN_PACKAGES) espeak-ng sox systemd procps strace
+# strace: the hostile-input corpus traces the daemon's system calls; chromium: the status page's test
+# loads it in a headless browser.
+TEST_PACKAGES := $(RUN_PACKAGES) espeak-ng sox systemd procps strace chromium
 
 .PHONY: setup setup-test run test lint clean
 
