@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,9 @@ from typing import Any
 import media
 import pysubs2
 import pytest
-from conftest import DAEMON_OUTPUTS, FAST_DECODE, MediaSet, config_data
+from conftest import MediaSet, config_data
 from daemon_harness import ROOT, Daemon, drop_file, files_under
+from http_harness import Client, api_daemon, free_port
 
 from daemon.config import API_FOLDER, parse_config, parse_size
 from daemon.errors import ConfigError
@@ -33,83 +33,6 @@ TOKEN = "s3cret-token"
 
 
 MAX_UPLOAD = "2M"  # the module daemon's http.max_upload: the test recordings are far smaller
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    """http.client over a connected AF_UNIX socket."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
-
-
-class Client:
-    """A minimal HTTP client for one listener: `host:port` or `unix:/path`, with an optional token."""
-
-    def __init__(self, listen: str, token: str | None = None) -> None:
-        self.listen = listen
-        self.token = token
-
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
-        if self.listen.startswith("unix:"):
-            return _UnixConnection(self.listen[len("unix:"):], timeout)
-        host, _, port = self.listen.rpartition(":")
-        return http.client.HTTPConnection(host, int(port), timeout=timeout)
-
-    def request(self, method: str, path: str, *, fields: dict[str, str] | None = None,
-                files: dict[str, tuple[str, bytes]] | None = None, token: str | None = None,
-                timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
-        """Return status, headers and body; a multipart/form-data body when fields or files are given."""
-        headers: dict[str, str] = {}
-        body = None
-        if fields is not None or files is not None:
-            boundary = uuid.uuid4().hex
-            parts = []
-            for name, value in (fields or {}).items():
-                parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-                             .encode())
-            for name, (filename, data) in (files or {}).items():
-                parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
-                             f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
-                             + data + b"\r\n")
-            body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-            headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-        given = token if token is not None else self.token
-        if given is not None:
-            headers["Authorization"] = f"Bearer {given}"
-        conn = self._connection(timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        finally:
-            conn.close()
-
-    def upload(self, path: str, source: Path, *, name: str = "file", **fields: str) -> tuple[int, bytes]:
-        """POST a file as multipart `name`, with form fields; return status and body."""
-        status, _, body = self.request("POST", path, fields=fields, files={name: (source.name, source.read_bytes())})
-        return status, body
-
-
-def _api_daemon(root: Path, checkpoint: Path, http: dict[str, Any]) -> Daemon:
-    """Return a daemon (not started) with folder 'media' and the HTTP API, as make_daemon configures one."""
-    data = config_data(root, checkpoint, {"stability_delay": 0.5}, log_format="json", rescan_interval=3600,
-                       shutdown_grace=10, http=http)
-    data["defaults"] |= {**FAST_DECODE, "sample_len": 8, "output_formats": list(DAEMON_OUTPUTS),
-                         "retry_base_delay": 0.3, "retry_max_delay": 2}
-    Path(data["folders"][0]["inbox"]).mkdir(parents=True, exist_ok=True)
-    return Daemon(root, data)
 
 
 def _whisperd(daemon: Daemon, *args: str) -> None:
@@ -142,8 +65,8 @@ def tcp(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[
     """One daemon for the module, listening on 127.0.0.1 with a tokens file."""
     root = tmp_path_factory.mktemp("http-tcp")
     (root / "tokens").write_text(f"# API clients\n\nother-token\n{TOKEN}\n")
-    listen = f"127.0.0.1:{_free_port()}"
-    daemon = _api_daemon(root, checkpoint, {"listen": listen, "tokens_file": str(root / "tokens"),
+    listen = f"127.0.0.1:{free_port()}"
+    daemon = api_daemon(root, checkpoint, {"listen": listen, "tokens_file": str(root / "tokens"),
                                             "max_upload": MAX_UPLOAD}).start()
     yield daemon, Client(listen, TOKEN)
     if daemon.proc is not None and daemon.proc.poll() is None:
@@ -302,7 +225,7 @@ def test_unix_socket_timeout_and_stop(tmp_path: Path, checkpoint: Path, media_se
     http.timeout gets 504 and its upload is dropped; a reload that changes `http` keeps the running
     listener; a request waiting when the daemon stops gets 503, the daemon exits 0, the socket is gone."""
     sock = tmp_path / "run" / "api.sock"
-    daemon = _api_daemon(tmp_path, checkpoint, {"listen": f"unix:{sock}", "timeout": "3s"}).start()
+    daemon = api_daemon(tmp_path, checkpoint, {"listen": f"unix:{sock}", "timeout": "3s"}).start()
     client = Client(f"unix:{sock}")
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
     status, body = client.upload("/v1/audio/transcriptions", media_set.speech_wav, response_format="text")
@@ -341,7 +264,7 @@ def test_a_taken_port_stops_the_start_with_the_reason(tmp_path: Path, checkpoint
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         listen = f"127.0.0.1:{holder.getsockname()[1]}"
-        daemon = _api_daemon(tmp_path, checkpoint, {"listen": listen}).start(wait_ready=False)
+        daemon = api_daemon(tmp_path, checkpoint, {"listen": listen}).start(wait_ready=False)
         assert daemon.proc is not None
         assert daemon.proc.wait(timeout=60) == 1
     assert f"cannot listen on {listen}" in daemon.tail()
@@ -353,8 +276,8 @@ def test_requests_of_a_killed_daemon_are_not_transcribed_for_nobody(
 ) -> None:
     """kill -9 while a request's job waits: the next start drops that job (its client is gone) and
     leaves none of its files; the folders' own work is untouched."""
-    listen = f"127.0.0.1:{_free_port()}"
-    daemon = _api_daemon(tmp_path, checkpoint, {"listen": listen})
+    listen = f"127.0.0.1:{free_port()}"
+    daemon = api_daemon(tmp_path, checkpoint, {"listen": listen})
     daemon.data["defaults"]["sample_len"] = 224  # a long clip stays in transcription while the test acts
     daemon.write_config(daemon.data)
     daemon.start()
