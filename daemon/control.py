@@ -22,7 +22,8 @@ class JobControl:
     """Cancellation and liveness for the worker thread."""
 
     def __init__(self) -> None:
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()  # the process stops: every job from now on
+        self._drop = threading.Event()  # the running job's client cancelled it: this job alone
         self.last_beat = time.monotonic()
 
     @property
@@ -31,8 +32,21 @@ class JobControl:
         return self._cancel.is_set()
 
     def cancel(self) -> None:
-        """Ask the running job to stop at its next check."""
+        """Ask the running job to stop at its next check (the process stops: it goes back to the queue)."""
         self._cancel.set()
+
+    @property
+    def dropped(self) -> bool:
+        """Return True when the running job's client cancelled it (it ends; it is not queued again)."""
+        return self._drop.is_set()
+
+    def drop_job(self) -> None:
+        """Ask the running job to stop at its next check and end, cancelled by its client."""
+        self._drop.set()
+
+    def next_job(self) -> None:
+        """Forget a cancellation of the job before (a process stop stays)."""
+        self._drop.clear()
 
     def beat(self) -> None:
         """Record that the worker is making progress."""
@@ -41,7 +55,7 @@ class JobControl:
     def check(self) -> None:
         """Record a heartbeat; raise JobCancelled if a stop was asked for."""
         self.beat()
-        if self._cancel.is_set():
+        if self._cancel.is_set() or self._drop.is_set():
             raise JobCancelled("the job was cancelled")
 
     @contextlib.contextmanager

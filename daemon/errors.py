@@ -18,6 +18,7 @@ WhisperdError
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +63,11 @@ class ListenerError(WhisperdError):
 class RequestRefused(WhisperdError):
     """An HTTP API request cannot be answered with a transcript; `status` is the HTTP status that says why."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, retry_after: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after  # seconds, for a Retry-After header (503: try again later)
 
 
 class ToolError(WhisperdError):
@@ -133,8 +135,25 @@ class JobError(WhisperdError):
         return cls(reason, path=path, stage=stage, command=err.command, stderr_tail=err.stderr_tail)
 
 
+class Failure(str, enum.Enum):
+    """Why a job ended as failed, in the journal: what the HTTP API answers a client from."""
+
+    REFUSED = "refused"  # the file as it is cannot be processed: the sender's to fix
+    TOO_LONG = "too_long"  # it lasts longer than the folder's max_duration
+    GAVE_UP = "gave_up"  # every attempt failed for a reason the file may not be to blame for
+    CANCELLED = "cancelled"  # its client cancelled it (an HTTP API job)
+
+
 class MediaError(JobError):
     """Permanent: the file cannot be processed as it is (not media, no audio, refused input)."""
+
+    failure = Failure.REFUSED
+
+
+class TooLong(MediaError):
+    """Permanent: the file lasts longer than its folder's max_duration."""
+
+    failure = Failure.TOO_LONG
 
 
 class TransientError(JobError):

@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import stat
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from daemon.config import Config, Folder, Rule
 from daemon.control import Isolation, JobControl
 from daemon.crashpoints import crash_point
 from daemon.errors import (
+    Failure,
     FileChanged,
     GpuFault,
     JobCancelled,
@@ -88,12 +90,22 @@ class Worker:
         # gets its last attempt with nothing else in flight.
         self.isolation = isolation or Isolation()
         self.control = JobControl()
+        self._current_lock = threading.Lock()  # a client's cancel must reach the job it names, no other
         self.current: Job | None = None
         self.progress: float | None = None  # the current job's fraction done, for status lines
 
     def cancel(self) -> None:
         """Ask the running job to stop at its next safe point; it goes back to the queue."""
         self.control.cancel()
+
+    def cancel_job(self, job_id: int) -> bool:
+        """Return True when job_id runs here: it then stops at its next check and ends as cancelled
+        (its original removed: an HTTP API job's client no longer wants it)."""
+        with self._current_lock:
+            if self.current is None or self.current.id != job_id:
+                return False
+            self.control.drop_job()
+            return True
 
     def claimable_folders(self, now: float | None = None) -> list[str]:
         """Return the folders whose jobs may be claimed now: not paused by a fault or the operator."""
@@ -115,7 +127,9 @@ class Worker:
         if job is None:
             return None
         crash_point("claimed")
-        self.current, self.progress = job, 0.0
+        with self._current_lock:
+            self.control.next_job()
+            self.current, self.progress = job, 0.0
         last_chance = job.crashes == CRASH_LIMIT and job.published_at is None
         gate = self.isolation.alone if last_chance else self.isolation.shared
         try:
@@ -126,7 +140,8 @@ class Worker:
         except Exception as err:
             self._handling_failed(config, job, err)
         finally:
-            self.current, self.progress = None, None
+            with self._current_lock:
+                self.current, self.progress = None, None
         return self.journal.get(job.id) or job
 
     def _handling_failed(self, config: Config, job: Job, err: Exception) -> None:
@@ -222,8 +237,17 @@ class Worker:
                                    stays=rule.on_success == "keep")
             bound.info("job_done", on_success=rule.on_success, original=disposed.display if disposed else None)
         except JobCancelled:
-            self.journal.requeue(job.id, now=self.clock())
-            bound.info("job_requeued", reason="shutdown")
+            if self.control.dropped and job.published_at is None:
+                # Its client cancelled it: the original goes (an upload nobody waits for) and the job ends.
+                if taken is not None:
+                    taken.source.close()
+                    fsutil.unlink(taken.place)
+                self.journal.mark_failed(job.id, "cancelled by its client", "cancel", None,
+                                         now=self.clock(), failure=Failure.CANCELLED)
+                bound.info("job_cancelled", reason="cancelled by its client")
+            else:
+                self.journal.requeue(job.id, now=self.clock())
+                bound.info("job_requeued", reason="shutdown")
         except FileChanged:
             # Still arriving (a copy that paused longer than the stability delay): discard the work,
             # put it back where its writer and the watcher expect it, and let it settle again.
@@ -426,7 +450,7 @@ class Worker:
         """End a job whose entry cannot leave the inbox safely (it would have to be copied): failed, left
         where it is, and recorded, so rescans do not report it again."""
         reason = f"refused: {why}; it cannot be moved to another file system safely and stays in the inbox"
-        self.journal.mark_failed(job.id, reason, "claim", None, now=self.clock())
+        self.journal.mark_failed(job.id, reason, "claim", None, now=self.clock(), failure=Failure.REFUSED)
         bound.error("job_failed", error=reason, stage="claim", attempts=job.attempts + 1, original=None,
                     permanent=True)
 
@@ -549,7 +573,8 @@ class Worker:
                 fsutil.unlink(layout.error_file(target))
                 reason = (f"{_reason(err)}; it cannot be moved to the failed folder (another file system) "
                           f"and stays in {source.display}")
-                self.journal.mark_failed(job.id, reason, getattr(err, "stage", None), None, now=self.clock())
+                self.journal.mark_failed(job.id, reason, getattr(err, "stage", None), None, now=self.clock(),
+                                         failure=_failure(err))
                 bound.error("job_failed", error=reason, stage=getattr(err, "stage", None), attempts=attempts,
                             original=None, permanent=isinstance(err, MediaError))
                 return
@@ -559,10 +584,15 @@ class Worker:
                 target = moved
             fsutil.remove_empty_dirs(source.parent, _area_of(job, source))
         self.journal.mark_failed(job.id, _reason(err), getattr(err, "stage", None),
-                                 target.display if target else None, now=self.clock())
+                                 target.display if target else None, now=self.clock(), failure=_failure(err))
         bound.error("job_failed", error=_reason(err), stage=getattr(err, "stage", None),
                     attempts=attempts, original=target.display if target else None,
                     permanent=isinstance(err, MediaError))
+
+
+def _failure(err: Exception) -> Failure:
+    """Return why a job that ends with err failed: the file's fault (MediaError), else retries spent."""
+    return err.failure if isinstance(err, MediaError) else Failure.GAVE_UP
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ class Job:
     stays: int = 0  # 1 when the original stays in the inbox (kept, or failed in place): never pruned
     running_stage: str | None = None  # while running: probe, extract, transcribe or publish
     audio_s: float | None = None  # seconds of audio transcribed (for throughput)
+    failure: str | None = None  # when failed: why, as a daemon.errors.Failure value
 
     @property
     def identity(self) -> FileIdentity:
@@ -165,9 +166,10 @@ class Journal(Protocol):
         ...
 
     def mark_failed(
-        self, job_id: int, error: str, stage: str | None, disposed_path: str | None, *, now: float
+        self, job_id: int, error: str, stage: str | None, disposed_path: str | None, *, now: float,
+        failure: str = "gave_up",
     ) -> None:
-        """Count a failed attempt and end the job as failed."""
+        """Count a failed attempt and end the job as failed; `failure` says why (a daemon.errors.Failure)."""
         ...
 
     def requeue(self, job_id: int, *, now: float, crashed: bool = False, due: float | None = None) -> None:

@@ -135,6 +135,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN audio_s REAL;
     CREATE INDEX jobs_finished_at ON jobs (finished_at);
     """,
+    # 12: why a failed job failed (refused input, too long, retries spent, cancelled): the HTTP API
+    # answers 400, 422, 500 or "cancelled" from it. NULL for jobs that failed before this column.
+    """
+    ALTER TABLE jobs ADD COLUMN failure TEXT;
+    """,
 )
 
 
@@ -333,13 +338,15 @@ class SqliteJournal:
         )
 
     def mark_failed(
-        self, job_id: int, error: str, stage: str | None, disposed_path: str | None, *, now: float
+        self, job_id: int, error: str, stage: str | None, disposed_path: str | None, *, now: float,
+        failure: str = "gave_up",
     ) -> None:
         """Count a failed attempt and end the job as failed (in place, when disposed_path is None)."""
         self._update(
             job_id, "state='failed', attempts=attempts+1, last_error=?, last_stage=?, disposed_path=?,"
-            " finished_at=?, updated_at=?, progress=NULL, stays=?",
-            (error, stage, disposed_path, now, now, int(disposed_path is None)),
+            " finished_at=?, updated_at=?, progress=NULL, stays=?, failure=?",
+            (error, stage, disposed_path, now, now, int(disposed_path is None),
+             getattr(failure, "value", failure)),  # a Failure member is stored as its value
         )
 
     def requeue(self, job_id: int, *, now: float, crashed: bool = False, due: float | None = None) -> None:
@@ -397,7 +404,7 @@ class SqliteJournal:
                     "UPDATE jobs SET state='queued', attempts=0, crashes=0, next_attempt_at=?, updated_at=?,"
                     " owner=NULL,"
                     " processing_path=NULL, file_device=NULL, file_inode=NULL, published_at=NULL,"
-                    " disposed_path=NULL, finished_at=NULL,"
+                    " disposed_path=NULL, finished_at=NULL, failure=NULL,"
                     " progress=NULL WHERE id=? AND state='failed'",
                     (now, now, job_id),
                 )

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from daemon.control import JobControl
-from daemon.errors import MediaError
+from daemon.errors import MediaError, TooLong
 from daemon.pipeline.probe import AudioStream, MediaInfo
 from daemon.pipeline.source import Source
 from daemon.pipeline.tools import TOOL_LIMITS, input_args, run_on_file
@@ -124,7 +124,7 @@ def extract(
 ) -> Audio:
     """Return the stream's audio, decoded into work_dir; raise MediaError when ffmpeg cannot decode it."""
     if max_duration_s and info.duration_s and info.duration_s > max_duration_s:
-        raise MediaError(
+        raise TooLong(
             f"refused: it lasts {_hms(info.duration_s)}, longer than this folder's max_duration "
             f"({_hms(max_duration_s)})", path=info.path, stage=STAGE,
         )
