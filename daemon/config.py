@@ -327,6 +327,9 @@ class HttpSettings(_Strict):
     priority: int = Field(100, description="the priority of API jobs: they are claimed before folder jobs of a lower priority (folders default to 0)")
     timeout: Seconds = Field(3600.0, gt=0, description="how long a request waits for its transcript before it is answered 504")
     max_upload: Bytes = Field(1 << 30, description="the largest request body (upload) accepted; larger ones are answered 413 before they are stored (e.g. '200M'); 0: no limit")
+    max_duration: Optional[Seconds] = Field(None, gt=0, description="uploads lasting longer are answered 422 (e.g. '2h'); null: the max_duration of defaults")
+    max_waiting: int = Field(100, ge=0, description="API jobs queued or running at once; a request beyond is answered 503 with Retry-After; 0: no limit")
+    keep_results: Seconds = Field(3600.0, gt=0, description="how long an async job's (POST /v1/jobs) upload and results are kept after it last changed")
 
 
 class Settings(_Strict):
@@ -412,6 +415,7 @@ def api_folder(settings: Settings) -> Folder:
         "name": "api", "inbox": root / "inbox", "outbox": root / "outbox", "failed": root / "failed",
         "recursive": False, "priority": settings.http.priority, "on_success": "delete",
         "output_name": "{stem}.{ext}",
+        **({"max_duration": settings.http.max_duration} if settings.http.max_duration else {}),
     })  # fmt: skip
     named: Folder = folder.model_copy(update={"name": API_FOLDER})  # past the pattern on purpose: no user folder collides
     return named

@@ -32,7 +32,7 @@ from daemon.config import API_FOLDER, Config, Folder, load_config
 from daemon.control import Isolation
 from daemon.errors import ConfigError, GpuFault, ModelError
 from daemon.health import Health
-from daemon.http.jobs import ApiJobs, prepare_area
+from daemon.http.jobs import ApiJobs, is_request, prepare_area
 from daemon.instances import default_owner, owner_is_dead
 from daemon.journal import FileIdentity, Job, JobState, open_journal
 from daemon.models import ModelRegistry
@@ -133,7 +133,7 @@ class Service:
             api_socket = bind(settings.http.listen)
             # No request of an earlier process waits any more: its jobs would be transcribed for nobody.
             for job in self.journal.jobs(JobState.active()):
-                if job.folder == API_FOLDER:
+                if job.folder == API_FOLDER and is_request(job.rel_path):
                     self.journal.drop(job.id)
                     log.info("api_job_dropped", job_id=job.id, reason="its request ended with the last process")
         self._reconcile_processing_areas()  # their copies go back to the API's inbox …
@@ -219,16 +219,21 @@ class Service:
             sock.close()
             raise
         self.api_jobs = ApiJobs(lambda: self.config, self.journal, self.registry, self.health,
-                                wake=self._wake.set, stopping=self._stop)
-        app = BodyLimit(create_app(self.api_jobs, tokens=tokens, timeout_s=http.timeout), http.max_upload)
+                                wake=self._wake.set, stopping=self._stop, cancel_running=self.cancel_job)
+        app = BodyLimit(create_app(self.api_jobs, tokens=tokens, timeout_s=http.timeout,
+                                    keep_results_s=http.keep_results), http.max_upload)
         return ApiServer(app, http.listen, sock)
+
+    def cancel_job(self, job_id: int) -> bool:
+        """Return True when a worker runs job_id: it ends at its next check, cancelled (an API client's)."""
+        return any(worker.cancel_job(job_id) for worker in self.workers)
 
     def _sweep_api(self) -> None:
         """Remove the API's files that no request waits for any more (timed out, or left by a stop)."""
         http = self.config.settings.http
         if self.api_jobs is None or http is None:
             return
-        removed = self.api_jobs.sweep(older_than=time.time() - http.timeout - API_SWEEP_S)
+        removed = self.api_jobs.sweep(older_than=time.time() - max(http.timeout, http.keep_results) - API_SWEEP_S)
         if removed:
             log.info("api_files_removed", files=removed, reason="no request waits for them any more")
 

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ TOKEN = "s3cret-token"
 
 
 MAX_UPLOAD = "2M"  # the module daemon's http.max_upload: the test recordings are far smaller
+MAX_WAITING = 3  # the module daemon's http.max_waiting
 
 
 def _whisperd(daemon: Daemon, *args: str) -> None:
@@ -67,7 +69,8 @@ def tcp(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[
     (root / "tokens").write_text(f"# API clients\n\nother-token\n{TOKEN}\n")
     listen = f"127.0.0.1:{free_port()}"
     daemon = api_daemon(root, checkpoint, {"listen": listen, "tokens_file": str(root / "tokens"),
-                                            "max_upload": MAX_UPLOAD}).start()
+                                           "max_upload": MAX_UPLOAD, "max_duration": "40m",
+                                           "max_waiting": MAX_WAITING}).start()
     yield daemon, Client(listen, TOKEN)
     if daemon.proc is not None and daemon.proc.poll() is None:
         assert daemon.stop() == 0
@@ -171,6 +174,77 @@ def test_refused_upload_is_400_with_the_reason_and_the_api_keeps_serving(
     assert status == 400 and "file" in json.loads(body)["error"]["message"], body
 
 
+def test_hostile_and_overlong_uploads_are_refused_like_inbox_files(
+    tcp: tuple[Daemon, Client], media_set: MediaSet, tmp_path: Path
+) -> None:
+    """An HLS playlist naming a file outside (uploaded as .mp4) is refused 400 with the inbox's reason,
+    and nothing outside is read; an upload longer than http.max_duration is 422 with the limit named."""
+    daemon, client = tcp
+    secret = media.tone_wav(tmp_path / "secret.wav", seconds=3)
+    before = os.stat(secret).st_atime_ns
+    playlist = tmp_path / "episode.mp4"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:3.0,\n{secret}\n#EXT-X-ENDLIST\n")
+    status, body = client.upload("/v1/audio/transcriptions", playlist)
+    assert status == 400 and "hls" in json.loads(body)["error"]["message"].lower(), body
+    assert os.stat(secret).st_atime_ns == before
+    long = tmp_path / "long.opus"  # 45 minutes of silence in a few kB: under max_upload, over max_duration
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono:d=2700",
+                    "-c:a", "libopus", "-b:a", "6k", str(long)], check=True)
+    status, body = client.upload("/v1/audio/transcriptions", long)
+    assert status == 422 and "max_duration" in json.loads(body)["error"]["message"], body
+    assert _api_files(daemon) == []
+
+
+def test_async_job_reports_progress_gives_every_format_and_can_be_cancelled(
+    tcp: tuple[Daemon, Client], media_set: MediaSet, tmp_path: Path
+) -> None:
+    """POST /v1/jobs answers 202 with a Location at once; the job's state ends done; its result comes
+    in each format until DELETE removes it (then 404). A long job reports progress and an ETA while it
+    runs, and DELETE stops it mid-file: cancelled, its upload gone. A made-up id is 404."""
+    daemon, client = tcp
+    status, headers, body = client.request("POST", "/v1/jobs", fields={"language": "en"},
+                                           files={"file": ("talk.mp3", media_set.speech_mp3.read_bytes())})
+    created = json.loads(body)
+    assert status == 202 and headers["location"] == f"/v1/jobs/{created['id']}", body
+    assert created["state"] in ("queued", "running", "done")
+    done = _wait_async(client, created["id"], ("done",))
+    assert done["audio_s"] > 1 and done["attempts"] == 1 and "expires_at" in done
+    status, headers, body = client.request("GET", f"/v1/jobs/{created['id']}/result?format=srt")
+    assert status == 200 and len(pysubs2.SSAFile.from_string(body.decode(), format_="srt")) >= 1, body
+    status, headers, body = client.request("GET", f"/v1/jobs/{created['id']}/result?format=vtt")
+    assert status == 200 and body.startswith(b"WEBVTT") and headers["content-type"].startswith("text/vtt")
+    status, _, body = client.request("GET", f"/v1/jobs/{created['id']}/result?format=json")
+    assert status == 200 and json.loads(body)["language"] == "en"
+    assert client.request("DELETE", f"/v1/jobs/{created['id']}")[0] == 204
+    assert client.request("GET", f"/v1/jobs/{created['id']}")[0] == 404
+    assert client.request("GET", f"/v1/jobs/{created['id']}/result")[0] == 404
+    assert client.request("GET", "/v1/jobs/1-" + "0" * 32)[0] == 404
+
+    long = tmp_path / "long.opus"  # half an hour in 1.4 MB: under max_upload
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=f=440:d=1800", "-c:a", "libopus",
+                    "-b:a", "6k", str(long)], check=True)
+    status, body = client.upload("/v1/jobs", long)
+    assert status == 202, body
+    job_id = json.loads(body)["id"]
+    deadline = time.monotonic() + 60
+    while True:
+        view = json.loads(client.request("GET", f"/v1/jobs/{job_id}")[2])
+        ended = view["state"] not in ("queued", "running")
+        if view.get("eta_s") is not None or ended or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert view["state"] == "running" and 0 < view["progress"] < 1 and view["eta_s"] > 0, view
+    status, _, body = client.request("GET", f"/v1/jobs/{job_id}/result")
+    assert status == 409, body
+    status, _, body = client.request("DELETE", f"/v1/jobs/{job_id}")
+    assert status == 200, body
+    cancelled = _wait_async(client, job_id, ("cancelled",), timeout=30)
+    assert cancelled["failure"] == "cancelled"
+    status, _, body = client.request("GET", f"/v1/jobs/{job_id}/result")
+    assert status == 409 and "cancelled" in json.loads(body)["detail"], body
+    daemon.wait_for(lambda: _api_files(daemon) == [], 10, "the cancelled job's upload to go")
+
+
 def test_asr_as_bazarr_calls_it(tcp: tuple[Daemon, Client], media_set: MediaSet) -> None:
     """/asr with raw 16 kHz PCM (encode=false) returns srt; /detect-language names a language."""
     _, client = tcp
@@ -188,29 +262,38 @@ def test_asr_as_bazarr_calls_it(tcp: tuple[Daemon, Client], media_set: MediaSet)
 
 
 def test_api_job_is_claimed_before_a_waiting_folder_job(tcp: tuple[Daemon, Client], media_set: MediaSet) -> None:
-    """With everything paused, a folder file queued first and an API request queued second: on resume
-    the API job runs first (http.priority 100 over the folder's 0). readyz says 503 while paused."""
+    """With everything paused: readyz and a waiting request are answered 503 at once with the reason
+    and Retry-After; an async job is queued all the same, up to http.max_waiting (then 503), and a
+    queued one can be cancelled. A folder file queued first and the async job second: on resume the
+    API job runs first (http.priority 100 over the folder's 0)."""
     daemon, client = tcp
     _whisperd(daemon, "pause")
     try:
         status, _, body = client.request("GET", "/readyz")
         assert status == 503 and "paused" in json.loads(body)["reason"], body
+        status, headers, body = client.request("POST", "/v1/audio/transcriptions",
+                                               files={"file": ("a.wav", media_set.speech_wav.read_bytes())})
+        assert status == 503 and "paused" in json.loads(body)["error"]["message"], body
+        assert int(headers["retry-after"]) > 0
         drop_file(media_set.speech_wav, daemon.folder("inbox") / "waiting.wav")
         daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.QUEUED]) if j.folder == "media"], 30,
                         "the folder job to be queued")
-        answer: dict[str, Any] = {}
-
-        def ask() -> None:
-            answer["status"], answer["body"] = client.upload("/v1/audio/transcriptions", media_set.speech_wav)
-
-        request = threading.Thread(target=ask)
-        request.start()
-        daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.QUEUED]) if j.folder == "_api"], 30,
-                        "the API job to be queued")
+        status, body = client.upload("/v1/jobs", media_set.speech_wav)
+        assert status == 202, body
+        job_id = json.loads(body)["id"]
+        # http.max_waiting API jobs wait: one more is refused at once; a queued one can be cancelled.
+        extra = [json.loads(client.upload("/v1/jobs", media_set.speech_wav)[1])["id"]
+                 for _ in range(MAX_WAITING - 1)]
+        status, headers, body = client.request("POST", "/v1/jobs",
+                                               files={"file": ("a.wav", media_set.speech_wav.read_bytes())})
+        assert status == 503 and "max_waiting" in json.loads(body)["detail"] and headers["retry-after"], body
+        for other in extra:
+            status, _, body = client.request("DELETE", f"/v1/jobs/{other}")
+            assert status == 200 and json.loads(body)["state"] == "cancelled", body
     finally:
         _whisperd(daemon, "resume")
-    request.join(60)
-    assert answer["status"] == 200, answer
+    finished = _wait_async(client, job_id, ("done",))
+    assert finished["audio_s"] > 0
     folder_job = daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.DONE]) if j.rel_path == "waiting.wav"],
                                  60, "the folder job")[0]
     api_job = max((j for j in daemon.jobs([JobState.DONE]) if j.folder == "_api"), key=lambda j: j.id)
@@ -220,22 +303,41 @@ def test_api_job_is_claimed_before_a_waiting_folder_job(tcp: tuple[Daemon, Clien
     assert client.request("GET", "/readyz")[0] == 200
 
 
+def _wait_async(client: Client, job_id: str, states: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
+    """Poll GET /v1/jobs/{id} until the job is in one of `states`; return its last view."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, _, body = client.request("GET", f"/v1/jobs/{job_id}")
+        assert status == 200, body
+        view = json.loads(body)
+        if view["state"] in states or time.monotonic() > deadline:
+            assert view["state"] in states, view
+            return dict(view)
+        time.sleep(0.1)
+
+
 def test_unix_socket_timeout_and_stop(tmp_path: Path, checkpoint: Path, media_set: MediaSet) -> None:
-    """On a unix socket (mode 0660, no tokens): a transcription comes back; a request that waits past
-    http.timeout gets 504 and its upload is dropped; a reload that changes `http` keeps the running
-    listener; a request waiting when the daemon stops gets 503, the daemon exits 0, the socket is gone."""
+    """On a unix socket (mode 0660, no tokens): a transcription comes back; a request whose job runs
+    past http.timeout gets 504 and its job is cancelled mid-file, its upload removed; a reload that
+    changes `http` keeps the running listener; a request waiting when the daemon stops gets 503, the
+    daemon exits 0, the socket is gone."""
     sock = tmp_path / "run" / "api.sock"
-    daemon = api_daemon(tmp_path, checkpoint, {"listen": f"unix:{sock}", "timeout": "3s"}).start()
+    daemon = api_daemon(tmp_path, checkpoint, {"listen": f"unix:{sock}", "timeout": "8s"})
+    daemon.data["defaults"]["sample_len"] = 224  # a long clip stays in transcription while the test acts
+    daemon.write_config(daemon.data)
+    daemon.start()
     client = Client(f"unix:{sock}")
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
     status, body = client.upload("/v1/audio/transcriptions", media_set.speech_wav, response_format="text")
     assert status == 200 and body.endswith(b"\n"), body
-    _whisperd(daemon, "pause", "--folder", "_api")
-    status, body = client.upload("/v1/audio/transcriptions", media_set.speech_wav)
+    long = media.tone_wav(tmp_path / "long.wav", seconds=600)
+    status, body = client.upload("/v1/audio/transcriptions", long)
     assert status == 504, body
-    assert _api_files(daemon) == []
-    _whisperd(daemon, "resume", "--folder", "_api")
-    daemon.wait_for(lambda: not daemon.jobs(JobState.active()), 30, "the abandoned job to be dropped")
+    [cancelled] = daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.FAILED]) if j.folder == "_api"], 30,
+                                  "the timed-out job to be cancelled")
+    assert cancelled.failure == "cancelled" and cancelled.started_at is not None
+    assert daemon.event("job_cancelled") is not None
+    daemon.wait_for(lambda: _api_files(daemon) == [], 10, "the cancelled job's files to go")
 
     daemon.write_config({**daemon.data, "http": {"listen": "127.0.0.1:1", "timeout": "5s"}})
     daemon.signal(signal.SIGHUP)
@@ -243,15 +345,14 @@ def test_unix_socket_timeout_and_stop(tmp_path: Path, checkpoint: Path, media_se
     assert restart["settings"] == ["http"]
     assert client.request("GET", "/readyz")[0] == 200  # the running listener stays until a restart
 
-    _whisperd(daemon, "pause", "--folder", "_api")
     answer: dict[str, Any] = {}
 
     def ask() -> None:
-        answer["status"], answer["body"] = client.upload("/v1/audio/transcriptions", media_set.speech_wav)
+        answer["status"], answer["body"] = client.upload("/v1/audio/transcriptions", long)
 
     waiting = threading.Thread(target=ask)
     waiting.start()
-    daemon.wait_for(lambda: daemon.jobs(JobState.active()), 30, "the API job to be queued")
+    daemon.wait_for(lambda: daemon.jobs([JobState.RUNNING]), 30, "the API job to run")
     assert daemon.stop() == 0
     waiting.join(10)
     assert answer["status"] == 503 and "stopping" in json.loads(answer["body"])["detail"], answer

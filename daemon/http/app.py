@@ -13,16 +13,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, Literal, Optional
 from urllib.parse import quote
 
+import structlog
 from fastapi import FastAPI, File, Form, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from daemon.errors import RequestRefused
+from daemon.http.async_jobs import async_router
 from daemon.http.jobs import ApiJobs, Ask, Finished, safe_suffix
 from daemon.http.tokens import authorized
-from daemon.journal import JobState
 from daemon.languages import LANGUAGES
+
+log = structlog.get_logger("whisperd")
 
 POLL_S = 0.1  # how often a waiting request looks at its job in the journal
 OPEN_PATHS = frozenset({"/healthz"})  # liveness answers without a token (a load balancer's probe)
@@ -33,9 +36,12 @@ AsrOutput = Literal["txt", "vtt", "srt", "tsv", "json"]
 OPENAI_SOURCE = {"json": "json", "text": "json", "verbose_json": "json", "srt": "srt", "vtt": "vtt"}
 
 
-def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float) -> FastAPI:
+def create_app(
+    jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float, keep_results_s: float = 3600.0
+) -> FastAPI:
     """Return the API's FastAPI application over the daemon's journal (no docs page: it would need a CDN)."""
     app = FastAPI(title="whisperd", docs_url=None, redoc_url=None)
+    app.include_router(async_router(jobs, keep_results_s))
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -70,33 +76,42 @@ def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float)
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    async def run(upload: UploadFile, ask: Ask, *, raw_pcm: bool = False) -> Finished:
-        """Return the finished job of an upload; raise RequestRefused when it cannot give outputs."""
+    async def run(request: Request, upload: UploadFile, ask: Ask, *, raw_pcm: bool = False) -> Finished:
+        """Return the finished job of an upload; raise RequestRefused when it cannot give outputs.
+
+        The job ends with its request: a client that hangs up, a timeout or a stop cancels it (a
+        running one between two windows), so nothing is transcribed for nobody.
+        """
         job, stem = await run_in_threadpool(jobs.submit, upload.file, safe_suffix(upload.filename), ask,
                                             raw_pcm=raw_pcm)
         deadline = time.monotonic() + timeout_s
         try:
             while (ended := await run_in_threadpool(jobs.wait_step, job.id, deadline)) is None:
+                if await request.is_disconnected():
+                    log.info("api_request_gone", job_id=job.id, reason="its client hung up")
+                    raise RequestRefused(499, "the client closed the connection")
                 await asyncio.sleep(POLL_S)
-        except BaseException:  # a refusal, or the request cancelled (the server stopping)
-            jobs.abandon(stem)  # not yet taken: the worker drops it (a few unlinks: fine on the loop)
+        except BaseException:  # a refusal, a hang-up, or the request cancelled (the server stopping)
+            if not jobs.stopping.is_set():  # a stop hands running jobs back itself; a new start drops them
+                await run_in_threadpool(jobs.cancel, job, stem)
+            jobs.abandon(stem)
             raise
         try:
             finished = await run_in_threadpool(jobs.finished, ended, stem)
         finally:
             await run_in_threadpool(jobs.discard, stem)
-        if finished.job.state == JobState.FAILED:
-            # A file whisperd refuses (not media, no audio, too long): the client's to fix.
-            raise RequestRefused(400, finished.job.last_error or "whisperd could not process the upload")
+        refusal = finished.refusal()
+        if refusal is not None:
+            raise refusal
         if not finished.outputs:
             raise RequestRefused(500, f"job {finished.job.id} is done but its outputs are missing")
         return finished
 
-    async def openai(task: str, file: UploadFile, model: Optional[str], language: Optional[str],
+    async def openai(request: Request, task: str, file: UploadFile, model: Optional[str], language: Optional[str],
                      prompt: Optional[str], response_format: OpenAIFormat, temperature: Optional[float]) -> Response:
         source = OPENAI_SOURCE[response_format]
         ask = Ask((source,), task=task, language=language, prompt=prompt, temperature=temperature, model=model)
-        finished = await run(file, ask)
+        finished = await run(request, file, ask)
         output = finished.outputs[source]
         if response_format in ("srt", "vtt"):
             return PlainTextResponse(output)
@@ -112,6 +127,7 @@ def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float)
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(
+        request: Request,
         file: Annotated[UploadFile, File()],
         model: Annotated[Optional[str], Form()] = None,
         language: Annotated[Optional[str], Form()] = None,
@@ -120,10 +136,11 @@ def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float)
         temperature: Annotated[Optional[float], Form(ge=0, le=1)] = None,
     ) -> Response:
         """OpenAI-compatible transcription (model: a model the config uses, else the default one)."""
-        return await openai("transcribe", file, model, language, prompt, response_format, temperature)
+        return await openai(request, "transcribe", file, model, language, prompt, response_format, temperature)
 
     @app.post("/v1/audio/translations")
     async def translations(
+        request: Request,
         file: Annotated[UploadFile, File()],
         model: Annotated[Optional[str], Form()] = None,
         prompt: Annotated[Optional[str], Form()] = None,
@@ -131,10 +148,11 @@ def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float)
         temperature: Annotated[Optional[float], Form(ge=0, le=1)] = None,
     ) -> Response:
         """OpenAI-compatible translation into English."""
-        return await openai("translate", file, model, None, prompt, response_format, temperature)
+        return await openai(request, "translate", file, model, None, prompt, response_format, temperature)
 
     @app.post("/asr")
     async def asr(
+        request: Request,
         audio_file: Annotated[UploadFile, File()],
         task: Annotated[Literal["transcribe", "translate"], Query()] = "transcribe",
         language: Annotated[Optional[str], Query()] = None,
@@ -147,18 +165,19 @@ def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float)
     ) -> Response:
         """whisper-asr-webservice's /asr, as Bazarr's whisper provider calls it."""
         ask = Ask((output,), task=task, language=language, prompt=initial_prompt, word_timestamps=word_timestamps)
-        finished = await run(audio_file, ask, raw_pcm=not encode)
+        finished = await run(request, audio_file, ask, raw_pcm=not encode)
         name = quote(audio_file.filename or "audio")
         return PlainTextResponse(finished.outputs[output], headers={
             "Asr-Engine": "whisperd", "Content-Disposition": f'attachment; filename="{name}.{output}"'})
 
     @app.post("/detect-language")
     async def detect_language(
+        request: Request,
         audio_file: Annotated[UploadFile, File()],
         encode: Annotated[bool, Query()] = True,
     ) -> dict[str, Any]:
         """whisper-asr-webservice's /detect-language: the language whisper detects (the whole file is decoded)."""
-        finished = await run(audio_file, Ask(("json",)), raw_pcm=not encode)
+        finished = await run(request, audio_file, Ask(("json",)), raw_pcm=not encode)
         code = json.loads(finished.outputs["json"]).get("language", "")
         return {"detected_language": LANGUAGES.get(code, code), "language_code": code}
 
@@ -168,5 +187,7 @@ def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float)
 def _refusal(err: RequestRefused, headers: dict[str, str] | None = None) -> Response:
     """Return a refusal both ways clients read one: OpenAI's `error.message` and FastAPI's `detail`."""
     kind = "invalid_request_error" if err.status < 500 else "server_error"
+    if err.retry_after is not None:
+        headers = {**(headers or {}), "Retry-After": str(err.retry_after)}
     return JSONResponse({"error": {"message": err.reason, "type": kind}, "detail": err.reason},
                         status_code=err.status, headers=headers)

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from daemon import fsutil
 from daemon.config import API_FOLDER, Config, Folder
-from daemon.errors import RequestRefused
+from daemon.errors import Failure, RequestRefused
 from daemon.health import Health
 from daemon.journal import Job, JobState, Journal
 from daemon.models import ModelRegistry
@@ -29,6 +29,16 @@ from daemon.operations import override_problems, queue_file
 PCM_RATE = 16000  # whisper-asr-webservice's encode=false: raw signed 16-bit mono at 16 kHz
 _SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 COPY_CHUNK = 1 << 20
+# An upload's name says who waits for it: a request holding its connection (gone with the process
+# that served it) or an async job (POST /v1/jobs), which outlives a restart and is fetched later.
+REQUEST_PREFIX = "req-"
+ASYNC_PREFIX = "job-"
+ASYNC_FORMATS = ("txt", "srt", "vtt", "tsv", "json")  # an async job's result is fetched later in any of them
+UNREADY_RETRY_S = 30  # Retry-After when the API cannot take work now
+CANCEL_TRIES = 20
+FULL_RETRY_S = 10  # Retry-After when http.max_waiting API jobs wait already
+# The HTTP status a failed job's request is answered with, by daemon.errors.Failure.
+FAILURE_STATUS = {Failure.REFUSED: 400, Failure.TOO_LONG: 422, Failure.GAVE_UP: 500, Failure.CANCELLED: 409}
 
 
 def safe_suffix(filename: str | None) -> str:
@@ -74,6 +84,19 @@ class Finished:
     job: Job
     outputs: dict[str, str] = field(default_factory=dict)
 
+    def refusal(self) -> RequestRefused | None:
+        """Return why a failed job's client gets no transcript (None when it is done)."""
+        if self.job.state != JobState.FAILED:
+            return None
+        failure = Failure(self.job.failure) if self.job.failure in Failure._value2member_map_ else Failure.REFUSED
+        # A file whisperd refuses (not media, no audio) is the client's to fix; spent retries are whisperd's.
+        return RequestRefused(FAILURE_STATUS[failure], self.job.last_error or "whisperd could not process the upload")
+
+
+def failure_of(job: Job) -> str | None:
+    """Return a failed job's failure kind as clients see it (a daemon.errors.Failure value)."""
+    return (job.failure or Failure.REFUSED.value) if job.state == JobState.FAILED else None
+
 
 class ApiJobs:
     """The API's side of the journal: queue uploads, wait for them, read and remove their files."""
@@ -86,6 +109,7 @@ class ApiJobs:
         health: Health,
         wake: Callable[[], None],
         stopping: threading.Event,
+        cancel_running: Callable[[int], bool] = lambda _job_id: False,
     ) -> None:
         self.config = config
         self.journal = journal
@@ -93,6 +117,7 @@ class ApiJobs:
         self.health = health
         self.wake = wake
         self.stopping = stopping
+        self.cancel_running = cancel_running  # asks the worker running a job to end it as cancelled
 
     @property
     def folder(self) -> Folder:
@@ -100,14 +125,35 @@ class ApiJobs:
         return self.config().folders[API_FOLDER]
 
     def sweep(self, *, older_than: float) -> int:
-        """Remove the API's files last changed before `older_than` (nobody waits for them); return how many."""
-        return sweep_area(self.folder, older_than=older_than)
+        """Remove the API's files last changed before `older_than` (nobody waits for them); return how many.
 
-    def submit(self, upload: BinaryIO, suffix: str, ask: Ask, *, raw_pcm: bool = False) -> tuple[Job, str]:
-        """Return the queued job and the upload's stem; raise RequestRefused for a request that cannot be queued."""
+        An async job's upload stays while its job waits, however long the queue."""
+        waiting = {job.rel_path for job in self.journal.jobs(JobState.active()) if job.folder == API_FOLDER}
+        return sweep_area(self.folder, older_than=older_than,
+                          only=lambda name: is_request(name) or name not in waiting)
+
+    def submit(
+        self, upload: BinaryIO, suffix: str, ask: Ask, *, raw_pcm: bool = False, asynchronous: bool = False
+    ) -> tuple[Job, str]:
+        """Return the queued job and the upload's stem; raise RequestRefused for a request that cannot be queued.
+
+        A request that waits for its answer is refused at once (503) when the API cannot take work
+        now (paused, its model failing); an async job is queued all the same and waits like a
+        folder's file. Both are refused while more than http.max_waiting API jobs wait.
+        """
         config = self.config()
         folder = config.folders[API_FOLDER]
-        stem = uuid.uuid4().hex
+        if self.stopping.is_set():
+            raise RequestRefused(503, "whisperd is stopping; send the request again", retry_after=UNREADY_RETRY_S)
+        if not asynchronous and (reason := self.unready()) is not None:
+            raise RequestRefused(503, f"the API cannot take work now: {reason}", retry_after=UNREADY_RETRY_S)
+        limit = config.settings.http.max_waiting if config.settings.http else 0
+        counts = self.journal.counts().get(API_FOLDER, {})
+        waiting = sum(counts.get(state.value, 0) for state in JobState.active())
+        if limit and waiting >= limit:
+            raise RequestRefused(503, f"{waiting} API jobs wait already (http.max_waiting); send it again later",
+                                 retry_after=FULL_RETRY_S)
+        stem = (ASYNC_PREFIX if asynchronous else REQUEST_PREFIX) + uuid.uuid4().hex
         # Always a suffix: every file of the request is found by "<stem>." when it is cleaned up.
         name = stem + (".wav" if raw_pcm else suffix or ".bin")
         overrides = ask.overrides(config)
@@ -127,16 +173,54 @@ class ApiJobs:
         """Return the job as the journal has it now (None: dropped, its upload vanished)."""
         return self.journal.get(job_id)
 
-    def finished(self, job: Job, stem: str) -> Finished:
-        """Return a finished job's outputs, read from the API's outbox."""
+    def finished(self, job: Job, stem: str, formats: tuple[str, ...] | None = None) -> Finished:
+        """Return a finished job's outputs (all it made, or these formats), read from the API's outbox."""
         if job.state != JobState.DONE:
             return Finished(job)
         outputs: dict[str, str] = {}
-        for fmt in job.overrides.get("output_formats", ()):  # every API job names its formats
+        for fmt in formats or job.overrides.get("output_formats", ()):  # every API job names its formats
             path = self.folder.outbox / f"{stem}.{fmt}"
             if path.is_file():
                 outputs[fmt] = path.read_text(encoding="utf-8")
         return Finished(job, outputs)
+
+    @staticmethod
+    def public_id(job: Job, stem: str) -> str:
+        """Return the id an async job is known by: the journal's number and the upload's random stem,
+        so ids cannot be guessed (another client's job is out of reach) yet need no table of their own."""
+        return f"{job.id}-{stem.removeprefix(ASYNC_PREFIX)}"
+
+    def lookup(self, public_id: str) -> tuple[Job, str] | None:
+        """Return the async job and its upload's stem for an id from public_id(), or None."""
+        number, _, secret = public_id.partition("-")
+        if not number.isdigit() or len(secret) != 32 or not set(secret) <= _SUFFIX_CHARS:
+            return None
+        job = self.journal.get(int(number))
+        stem = ASYNC_PREFIX + secret
+        if job is None or job.folder != API_FOLDER or not job.rel_path.startswith(stem + "."):
+            return None
+        return job, stem
+
+    def cancel(self, job: Job, stem: str) -> Job | None:
+        """Cancel a job: a queued one ends at once, a running one at its next check (between windows).
+        A finished one's results are removed and it is forgotten (None). Return the job as it is now."""
+        self.abandon(stem)  # not yet taken: its upload leaves the inbox, and a worker that claims it drops it
+        for _ in range(CANCEL_TRIES):
+            if self.cancel_running(job.id):  # a worker runs it: it ends at its next check
+                return self.journal.get(job.id)
+            now = self.journal.get(job.id)
+            if now is None:
+                return None
+            if now.state in (JobState.QUEUED, JobState.RETRY_WAIT):
+                self.journal.mark_failed(job.id, "cancelled by its client", "cancel", None, now=time.time(),
+                                         failure=Failure.CANCELLED)
+                return self.journal.get(job.id)
+            if now.state != JobState.RUNNING:
+                self.discard(stem)  # finished: its results go, and the job is forgotten
+                self.journal.drop(job.id)
+                return None
+            time.sleep(0.05)  # claimed a moment ago, not yet the worker's current job: look again
+        return self.journal.get(job.id)
 
     def abandon(self, stem: str) -> None:
         """Give up on a request: its upload leaves the inbox (a job not yet taken is then dropped)."""
@@ -185,18 +269,25 @@ class ApiJobs:
         return None
 
 
+def is_request(rel_path: str) -> bool:
+    """Return True for an upload whose client held its connection (gone with the process that served it)."""
+    return rel_path.startswith(REQUEST_PREFIX)
+
+
 def prepare_area(folder: Folder) -> None:
-    """Create the API's folders (private to the daemon) and empty them: no request of an earlier process waits."""
+    """Create the API's folders (private to the daemon) and empty them of requests' files: no request of
+    an earlier process waits. Async jobs' uploads and results stay, to be fetched after the restart."""
     for path in (folder.inbox, folder.outbox, folder.failed):
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    sweep_area(folder, older_than=None)
+    sweep_area(folder, older_than=None, only=is_request)
 
 
-def sweep_area(folder: Folder, *, older_than: float | None) -> int:
+def sweep_area(folder: Folder, *, older_than: float | None, only: Callable[[str], bool] | None = None) -> int:
     """Remove the API folder's files last changed before `older_than` (all with None); return how many.
 
-    A request that timed out, or a process that stopped while requests waited, leaves them behind;
-    a queued job whose upload is gone is dropped by the worker as a vanished file.
+    A request that timed out, or a process that stopped while requests waited, leaves them behind,
+    and async jobs' results stay until http.keep_results has passed; a queued job whose upload is
+    gone is dropped by the worker as a vanished file.
     """
     removed = 0
     for path in (folder.inbox, folder.outbox, folder.failed):
@@ -205,7 +296,7 @@ def sweep_area(folder: Folder, *, older_than: float | None) -> int:
         except FileNotFoundError:
             continue
         for entry in entries:
-            if not entry.is_file(follow_symlinks=False):
+            if not entry.is_file(follow_symlinks=False) or (only is not None and not only(entry.name)):
                 continue
             if older_than is None or entry.stat(follow_symlinks=False).st_mtime < older_than:
                 with contextlib.suppress(FileNotFoundError):
