@@ -327,6 +327,7 @@ class HttpSettings(_Strict):
     priority: int = Field(100, description="the priority of API jobs: they are claimed before folder jobs of a lower priority (folders default to 0)")
     timeout: Seconds = Field(3600.0, gt=0, description="how long a request waits for its transcript before it is answered 504")
     max_upload: Bytes = Field(1 << 30, description="the largest request body (upload) accepted; larger ones are answered 413 before they are stored (e.g. '200M'); 0: no limit")
+    metrics_open: bool = Field(False, description="true: /metrics answers without a token (for a Prometheus that cannot send one); the status page and every other endpoint still need it")
 
 
 class Settings(_Strict):

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from daemon.errors import RequestRefused
 from daemon.http.jobs import ApiJobs, Ask, Finished, safe_suffix
+from daemon.http.metrics import Metrics, RequestMetrics, add_metrics_route
 from daemon.http.tokens import authorized
 from daemon.journal import JobState
 from daemon.languages import LANGUAGES
@@ -33,18 +34,25 @@ AsrOutput = Literal["txt", "vtt", "srt", "tsv", "json"]
 OPENAI_SOURCE = {"json": "json", "text": "json", "verbose_json": "json", "srt": "srt", "vtt": "vtt"}
 
 
-def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float) -> FastAPI:
+def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float, metrics: Metrics | None = None,
+               metrics_open: bool = False) -> FastAPI:
     """Return the API's FastAPI application over the daemon's journal (no docs page: it would need a CDN)."""
     app = FastAPI(title="whisperd", docs_url=None, redoc_url=None)
+    metrics = metrics or Metrics(jobs.config, jobs.journal, jobs.registry)
+    open_paths = OPEN_PATHS | ({"/metrics"} if metrics_open else set())
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if tokens is not None and request.url.path not in OPEN_PATHS and not authorized(
+        if tokens is not None and request.url.path not in open_paths and not authorized(
             request.headers.get("authorization"), tokens
         ):
             return _refusal(RequestRefused(401, "a valid 'Authorization: Bearer <token>' header is needed"),
                             {"WWW-Authenticate": "Bearer"})
         return await call_next(request)
+
+    # Added last, so outermost: refusals are counted too.
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=lambda: app.router.routes)
+    add_metrics_route(app, metrics)
 
     @app.exception_handler(RequestRefused)
     async def refused(_request: Request, err: RequestRefused) -> Response:
