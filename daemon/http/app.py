@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from daemon.errors import RequestRefused
 from daemon.http.jobs import ApiJobs, Ask, Finished, safe_suffix
 from daemon.http.metrics import Metrics, RequestMetrics, add_metrics_route
+from daemon.http.status_page import BASIC_CHALLENGE, PAGE_PATHS, add_status_routes, bearer_from_basic
 from daemon.http.tokens import authorized
 from daemon.journal import JobState
 from daemon.languages import LANGUAGES
@@ -43,16 +44,19 @@ def create_app(jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float,
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # The token as a bearer header, or as a Basic password (a browser opening the status page).
         if tokens is not None and request.url.path not in open_paths and not authorized(
-            request.headers.get("authorization"), tokens
+            bearer_from_basic(request.headers.get("authorization")), tokens
         ):
+            page = request.url.path in PAGE_PATHS  # a browser asks for the token on a Basic challenge
             return _refusal(RequestRefused(401, "a valid 'Authorization: Bearer <token>' header is needed"),
-                            {"WWW-Authenticate": "Bearer"})
+                            {"WWW-Authenticate": BASIC_CHALLENGE if page else "Bearer"})
         return await call_next(request)
 
     # Added last, so outermost: refusals are counted too.
     app.add_middleware(RequestMetrics, metrics=metrics, routes=lambda: app.router.routes)
     add_metrics_route(app, metrics)
+    add_status_routes(app, jobs)
 
     @app.exception_handler(RequestRefused)
     async def refused(_request: Request, err: RequestRefused) -> Response:
