@@ -62,7 +62,9 @@ class DaemonCollector(Collector):
 
     def _jobs(self) -> Iterator[Metric]:
         counts = self.journal.counts()
-        folders = list(self.config().folders) + [name for name in counts if name not in self.config().folders]
+        configured = self.config().folders
+        # Folders removed from the config but still in the journal keep their series until pruned.
+        folders = list(configured) + [name for name in counts if name not in configured]
         jobs = GaugeMetricFamily("whisperd_jobs", "Jobs in the journal by folder and state (finished jobs until "
                                  "the retention prunes them)", labels=["folder", "state"])
         for folder in folders:
