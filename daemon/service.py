@@ -208,6 +208,7 @@ class Service:
         """Return the HTTP API's server on a bound socket, sharing this process's journal and models."""
         from daemon.http.app import create_app
         from daemon.http.limits import BodyLimit
+        from daemon.http.metrics import Metrics
         from daemon.http.server import ApiServer
         from daemon.http.tokens import read_tokens
 
@@ -220,8 +221,12 @@ class Service:
             raise
         self.api_jobs = ApiJobs(lambda: self.config, self.journal, self.registry, self.health,
                                 wake=self._wake.set, stopping=self._stop, cancel_running=self.cancel_job)
+        metrics = Metrics(lambda: self.config, self.journal, self.registry)
+        for worker in self.workers:  # the real-time factor of each job, as it is published
+            worker.on_published = metrics.job_published
         app = BodyLimit(create_app(self.api_jobs, tokens=tokens, timeout_s=http.timeout,
-                                    keep_results_s=http.keep_results), http.max_upload)
+                                   keep_results_s=http.keep_results, metrics=metrics,
+                                   metrics_open=http.metrics_open), http.max_upload)
         return ApiServer(app, http.listen, sock)
 
     def cancel_job(self, job_id: int) -> bool:

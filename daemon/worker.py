@@ -93,6 +93,8 @@ class Worker:
         self._current_lock = threading.Lock()  # a client's cancel must reach the job it names, no other
         self.current: Job | None = None
         self.progress: float | None = None  # the current job's fraction done, for status lines
+        # Told (job, audio seconds, stage timings) once a job's outputs are durable: the HTTP API's metrics.
+        self.on_published: Callable[[Job, float, dict[str, float]], None] | None = None
 
     def cancel(self) -> None:
         """Ask the running job to stop at its next safe point; it goes back to the queue."""
@@ -231,6 +233,8 @@ class Worker:
                 total = sum(result.timings.values())
                 bound.info("job_published", outputs=len(result.outputs), audio_s=round(audio_s, 2),
                            duration_s=round(total, 2), rtf=round(total / audio_s, 4) if audio_s else None)
+                if self.on_published is not None:
+                    self.on_published(job, audio_s, result.timings)
             disposed = self._dispose(job, folder, rule, taken.place)
             crash_point("disposed")
             self.journal.mark_done(job.id, disposed.display if disposed else None, now=self.clock(),

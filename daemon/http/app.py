@@ -20,8 +20,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from daemon.errors import RequestRefused
-from daemon.http.async_jobs import async_router
+from daemon.http.async_jobs import add_async_routes
 from daemon.http.jobs import ApiJobs, Ask, Finished, safe_suffix
+from daemon.http.metrics import Metrics, RequestMetrics, add_metrics_route
+from daemon.http.status_page import BASIC_CHALLENGE, PAGE_PATHS, add_status_routes, bearer_from_basic
 from daemon.http.tokens import authorized
 from daemon.languages import LANGUAGES
 
@@ -37,20 +39,30 @@ OPENAI_SOURCE = {"json": "json", "text": "json", "verbose_json": "json", "srt": 
 
 
 def create_app(
-    jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float, keep_results_s: float = 3600.0
+    jobs: ApiJobs, *, tokens: Sequence[str] | None, timeout_s: float, keep_results_s: float = 3600.0,
+    metrics: Metrics | None = None, metrics_open: bool = False,
 ) -> FastAPI:
     """Return the API's FastAPI application over the daemon's journal (no docs page: it would need a CDN)."""
     app = FastAPI(title="whisperd", docs_url=None, redoc_url=None)
-    app.include_router(async_router(jobs, keep_results_s))
+    metrics = metrics or Metrics(jobs.config, jobs.journal, jobs.registry)
+    open_paths = OPEN_PATHS | ({"/metrics"} if metrics_open else set())
+    add_async_routes(app, jobs, keep_results_s)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if tokens is not None and request.url.path not in OPEN_PATHS and not authorized(
-            request.headers.get("authorization"), tokens
+        # The token as a bearer header, or as a Basic password (a browser opening the status page).
+        if tokens is not None and request.url.path not in open_paths and not authorized(
+            bearer_from_basic(request.headers.get("authorization")), tokens
         ):
+            page = request.url.path in PAGE_PATHS  # a browser asks for the token on a Basic challenge
             return _refusal(RequestRefused(401, "a valid 'Authorization: Bearer <token>' header is needed"),
-                            {"WWW-Authenticate": "Bearer"})
+                            {"WWW-Authenticate": BASIC_CHALLENGE if page else "Bearer"})
         return await call_next(request)
+
+    # Added last, so outermost: refusals are counted too.
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=lambda: app.router.routes)
+    add_metrics_route(app, metrics)
+    add_status_routes(app, jobs)
 
     @app.exception_handler(RequestRefused)
     async def refused(_request: Request, err: RequestRefused) -> Response:

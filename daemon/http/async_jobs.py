@@ -12,7 +12,7 @@ import time
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Optional
 
-from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
+from fastapi import FastAPI, File, Form, Path, Query, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -27,9 +27,9 @@ MEDIA_TYPES = {"txt": "text/plain", "srt": "application/x-subrip", "vtt": "text/
 JobId = Annotated[str, Path(max_length=80, description="the id POST /v1/jobs answered with")]
 
 
-def async_router(jobs: ApiJobs, keep_results_s: float) -> APIRouter:
-    """Return the routes of async jobs over the API's journal side."""
-    router = APIRouter(prefix="/v1/jobs", tags=["async jobs"])
+def add_async_routes(app: FastAPI, jobs: ApiJobs, keep_results_s: float) -> None:
+    """Add the routes of async jobs over the API's journal side (on the app itself, not an included
+    router: /metrics labels requests by the app's own route templates)."""
 
     def view(job: Job, stem: str) -> dict[str, Any]:
         """Return what a client sees of its job: state, progress, ETA, attempts, error, when it ends."""
@@ -60,7 +60,7 @@ def async_router(jobs: ApiJobs, keep_results_s: float) -> APIRouter:
             raise RequestRefused(404, f"no job {job_id!r} (a wrong id, cancelled after it ended, or expired)")
         return found
 
-    @router.post("", status_code=202)
+    @app.post("/v1/jobs", status_code=202, tags=["async jobs"])
     async def create(
         file: Annotated[UploadFile, File()],
         task: Annotated[Literal["transcribe", "translate"], Form()] = "transcribe",
@@ -79,13 +79,13 @@ def async_router(jobs: ApiJobs, keep_results_s: float) -> APIRouter:
         body = view(job, stem)
         return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{body['id']}"})
 
-    @router.get("/{job_id}")
+    @app.get("/v1/jobs/{job_id}", tags=["async jobs"])
     async def state(job_id: JobId) -> dict[str, Any]:
         """The job's state (queued, running, retry_wait, done, failed, cancelled), progress and ETA."""
         job, stem = await run_in_threadpool(find, job_id)
         return view(job, stem)
 
-    @router.get("/{job_id}/result")
+    @app.get("/v1/jobs/{job_id}/result", tags=["async jobs"])
     async def result(job_id: JobId, format: Annotated[ResultFormat, Query()] = "txt") -> Response:
         """The job's transcript in one format; 409 while it runs, the job's error once it failed."""
         job, stem = await run_in_threadpool(find, job_id)
@@ -99,7 +99,7 @@ def async_router(jobs: ApiJobs, keep_results_s: float) -> APIRouter:
             raise RequestRefused(410, f"the results of job {job_id} were removed (http.keep_results passed)")
         return PlainTextResponse(finished.outputs[format], media_type=MEDIA_TYPES[format])
 
-    @router.delete("/{job_id}")
+    @app.delete("/v1/jobs/{job_id}", tags=["async jobs"])
     async def cancel(job_id: JobId) -> Response:
         """Cancel a waiting or running job (a running one stops between two windows), or remove a
         finished one's results. 200 with the job as it is now; 204 when it is gone."""
@@ -108,5 +108,3 @@ def async_router(jobs: ApiJobs, keep_results_s: float) -> APIRouter:
         if now is None:
             return Response(status_code=204)
         return JSONResponse(view(now, stem))
-
-    return router
