@@ -245,6 +245,22 @@ def test_async_job_reports_progress_gives_every_format_and_can_be_cancelled(
     daemon.wait_for(lambda: _api_files(daemon) == [], 10, "the cancelled job's upload to go")
 
 
+def test_a_folder_file_and_a_request_share_one_loaded_model(tcp: tuple[Daemon, Client], media_set: MediaSet) -> None:
+    """A file dropped into the folder and an upload, both done by the same process: the model was loaded
+    once (one model_loaded event), and the registry the daemon reports holds that one model."""
+    daemon, client = tcp
+    drop_file(media_set.speech_wav, daemon.folder("inbox") / "shared-model.wav")
+    status, body = client.upload("/v1/audio/transcriptions", media_set.speech_wav, response_format="text")
+    assert status == 200, body
+    daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.DONE]) if j.rel_path == "shared-model.wav"], 60,
+                    "the folder file")
+    loads = daemon.events("model_loaded")
+    assert len(loads) == 1, loads
+    status, _, body = client.request("GET", "/v1/status")
+    [instance] = json.loads(body)["daemon"]["instances"]
+    assert instance["models"] == [loads[0]["model"]]
+
+
 def test_asr_as_bazarr_calls_it(tcp: tuple[Daemon, Client], media_set: MediaSet) -> None:
     """/asr with raw 16 kHz PCM (encode=false) returns srt; /detect-language names a language."""
     _, client = tcp
