@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import stat
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from daemon.config import API_FOLDER, Config, Folder, load_config
 from daemon.control import Isolation
 from daemon.errors import ConfigError, GpuFault, ModelError
 from daemon.health import Health
-from daemon.http.jobs import ApiJobs, is_request, prepare_area
+from daemon.http.jobs import ApiJobs, is_request, prepare_area, spool_dir
 from daemon.instances import default_owner, owner_is_dead
 from daemon.journal import FileIdentity, Job, JobState, open_journal
 from daemon.models import ModelRegistry
@@ -139,6 +140,9 @@ class Service:
         self._reconcile_processing_areas()  # their copies go back to the API's inbox …
         if settings.http is not None:
             prepare_area(self.config.folders[API_FOLDER])  # … which is emptied here
+            # FastAPI spools an upload over 1 MB to a temporary file before whisperd copies it: in the
+            # API's own private folder on the state disk (watched for space), not a shared /tmp.
+            tempfile.tempdir = str(spool_dir(self.config.folders[API_FOLDER]))
 
         self.registry = ModelRegistry(settings.model_dir, settings.device, settings.torch_threads,
                                       cpu_dtype=settings.cpu_dtype, mirror=settings.model_mirror)

@@ -125,6 +125,39 @@ def test_an_upload_over_max_upload_is_413_before_it_is_stored(tcp: tuple[Daemon,
     assert client.request("GET", "/readyz")[0] == 200
 
 
+def test_an_arriving_upload_is_spooled_under_the_state_directory(tcp: tuple[Daemon, Client]) -> None:
+    """While a large upload arrives, FastAPI's spool file is open in the API's private folder on the
+    state disk, not in the system's shared temporary folder."""
+    daemon, client = tcp
+    host, _, port = client.listen.rpartition(":")
+    spool = Path(daemon.data["state_dir"]) / "api" / "spool"
+    assert stat.S_IMODE(os.stat(spool).st_mode) == 0o700
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        head = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
+                b"Content-Type: application/octet-stream\r\n\r\n")
+        conn.putrequest("POST", "/v1/audio/transcriptions")
+        for name, value in (("Authorization", f"Bearer {TOKEN}"), ("Transfer-Encoding", "chunked"),
+                            ("Content-Type", "multipart/form-data; boundary=x")):
+            conn.putheader(name, value)
+        conn.endheaders()
+        for chunk in [head] + [b"\0" * 65536] * 24:  # 1.5 MB: past the 1 MB kept in memory
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+        def spooled() -> list[str]:
+            found = []
+            for fd in Path(f"/proc/{daemon.pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    found.append(os.readlink(fd))
+            return [target for target in found if target.startswith(str(spool))]
+
+        daemon.wait_for(spooled, 10, "the upload's spool file")
+        conn.send(b"0\r\n\r\n")  # a truncated multipart body: refused, the spool file closed
+        conn.getresponse().read()
+    finally:
+        conn.close()
+
+
 def test_openai_transcription_formats(tcp: tuple[Daemon, Client], media_set: MediaSet) -> None:
     """srt parses with cues, vtt starts WEBVTT, json has text, verbose_json has language, duration and
     segments; the API's folders are empty afterwards."""

@@ -277,9 +277,14 @@ def is_request(rel_path: str) -> bool:
 def prepare_area(folder: Folder) -> None:
     """Create the API's folders (private to the daemon) and empty them of requests' files: no request of
     an earlier process waits. Async jobs' uploads and results stay, to be fetched after the restart."""
-    for path in (folder.inbox, folder.outbox, folder.failed):
+    for path in (folder.inbox, folder.outbox, folder.failed, spool_dir(folder)):
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     sweep_area(folder, older_than=None, only=is_request)
+
+
+def spool_dir(folder: Folder) -> Path:
+    """Return where uploads are spooled while they arrive (beside the API's inbox, private to whisperd)."""
+    return folder.inbox.parent / "spool"
 
 
 def sweep_area(folder: Folder, *, older_than: float | None, only: Callable[[str], bool] | None = None) -> int:
