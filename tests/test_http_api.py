@@ -80,6 +80,7 @@ def test_healthz_is_open_and_everything_else_needs_a_token(tcp: tuple[Daemon, Cl
     """/healthz answers anyone; /readyz and uploads answer 401 without the token or with a wrong one."""
     _, client = tcp
     assert client.request("GET", "/healthz", token="")[0] == 200
+    assert client.request("HEAD", "/healthz", token="")[0] == 200  # what curl -I and some probes send
     assert client.request("GET", "/readyz")[0] == 200
     status, headers, body = client.request("GET", "/readyz", token="wrong")
     assert status == 401 and headers["www-authenticate"] == "Bearer"
@@ -406,6 +407,24 @@ def test_unix_socket_timeout_and_stop(tmp_path: Path, checkpoint: Path, media_se
     waiting.join(10)
     assert answer["status"] == 503 and "stopping" in json.loads(answer["body"])["detail"], answer
     assert not sock.exists()
+
+
+def test_a_live_unix_socket_is_not_taken_over_a_stale_one_is(tmp_path: Path, checkpoint: Path) -> None:
+    """A socket another process listens on stops the start (exit 1, the reason said); the socket a
+    killed process left behind is replaced, with mode 0660."""
+    sock = tmp_path / "api.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as holder:
+        holder.bind(str(sock))
+        holder.listen()
+        daemon = api_daemon(tmp_path, checkpoint, {"listen": f"unix:{sock}"}).start(wait_ready=False)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(timeout=60) == 1
+        assert "another process listens" in daemon.tail()
+    assert sock.exists()  # the holder closed: its socket file stays, as a killed process's would
+    daemon.start()
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+    assert Client(f"unix:{sock}").request("GET", "/healthz")[0] == 200
+    assert daemon.stop() == 0
 
 
 def test_a_taken_port_stops_the_start_with_the_reason(tmp_path: Path, checkpoint: Path) -> None:

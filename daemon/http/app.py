@@ -75,7 +75,7 @@ def create_app(
                              for e in err.errors())
         return _refusal(RequestRefused(400, problems or "invalid request"))
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         """Liveness: the process runs and answers."""
         return {"status": "ok"}

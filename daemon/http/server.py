@@ -59,15 +59,35 @@ def _bind_unix(path: Path) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ListenerError(f"cannot listen on unix:{path}: something that is not a socket is there")
+        if _answers(path):
+            raise ListenerError(f"cannot listen on unix:{path}: another process listens on it")
         os.unlink(path)  # left by a process that was killed
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Created with no access for others from the start (bind honours the umask), then given its mode:
+    # never a moment when any local user could connect. Binding comes before any thread starts.
+    previous = os.umask(0o177)
     try:
         sock.bind(str(path))
         os.chmod(path, SOCKET_MODE)
     except OSError as err:
         sock.close()
         raise ListenerError(f"cannot listen on unix:{path}: {err.strerror or err}") from err
+    finally:
+        os.umask(previous)
     return sock
+
+
+def _answers(path: Path) -> bool:
+    """Return True when a process accepts connections on the unix socket at path (a live daemon)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False  # refused: nobody listens (a killed process's leftover)
+    finally:
+        probe.close()
+    return True
 
 
 class ApiServer:
