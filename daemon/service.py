@@ -163,6 +163,12 @@ class Service:
         self.workers = [Worker(lambda: self.config, self.journal, engine, owner=self.owner,
                                on_retry=self._schedule_wakeup, health=self.health, isolation=isolation)
                         for _ in range(settings.jobs_in_flight)]
+        if settings.http is not None and settings.http.reserved_worker:
+            # A request must not wait for folder files already being transcribed: one more worker,
+            # on the same engine and model, takes API jobs alone (the others take them too, first).
+            self.workers.append(Worker(lambda: self.config, self.journal, engine, owner=self.owner,
+                                       on_retry=self._schedule_wakeup, health=self.health, isolation=isolation,
+                                       only=frozenset({API_FOLDER})))
         engine.gatherer.expected = lambda: sum(1 for w in self.workers if w.current is not None)
         if api_socket is not None:
             self.api_server = self._api_server(api_socket)

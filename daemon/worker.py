@@ -77,8 +77,10 @@ class Worker:
         on_retry: Callable[[Job, float], None] | None = None,
         health: Health | None = None,
         isolation: Isolation | None = None,
+        only: frozenset[str] | None = None,
     ) -> None:
         self.config = config
+        self.only = only  # claim from these folders alone (the HTTP API's reserved worker); None: any
         self.journal = journal
         self.engine = engine
         self.owner = owner or default_owner()
@@ -116,7 +118,8 @@ class Worker:
         held = self.journal.pauses()  # an operator's `whisperd pause`
         if "*" in held:
             return []
-        return [name for name in config.folders if name not in paused and name not in held]
+        return [name for name in config.folders
+                if name not in paused and name not in held and (self.only is None or name in self.only)]
 
     def run_once(self, now: float | None = None) -> Job | None:
         """Claim and process the next due job; return it, or None when nothing was due."""
