@@ -36,6 +36,10 @@ OpenAIFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
 AsrOutput = Literal["txt", "vtt", "srt", "tsv", "json"]
 # The whisperd output each OpenAI response_format is answered from.
 OPENAI_SOURCE = {"json": "json", "text": "json", "verbose_json": "json", "srt": "srt", "vtt": "vtt"}
+Granularity = Literal["segment", "word"]
+# The fields of OpenAI's TranscriptionSegment: whisper's segment has them all, and words besides.
+OPENAI_SEGMENT_FIELDS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+                         "compression_ratio", "no_speech_prob")
 
 
 def create_app(
@@ -120,9 +124,13 @@ def create_app(
         return finished
 
     async def openai(request: Request, task: str, file: UploadFile, model: Optional[str], language: Optional[str],
-                     prompt: Optional[str], response_format: OpenAIFormat, temperature: Optional[float]) -> Response:
+                     prompt: Optional[str], response_format: OpenAIFormat, temperature: Optional[float],
+                     granularities: Sequence[Granularity] = ()) -> Response:
         source = OPENAI_SOURCE[response_format]
-        ask = Ask((source,), task=task, language=language, prompt=prompt, temperature=temperature, model=model)
+        # Word timings cost a second pass over the cross-attention: only when the answer shows them.
+        words = response_format == "verbose_json" and "word" in granularities
+        ask = Ask((source,), task=task, language=language, prompt=prompt, temperature=temperature, model=model,
+                  word_timestamps=words)
         finished = await run(request, file, ask)
         output = finished.outputs[source]
         if response_format in ("srt", "vtt"):
@@ -132,10 +140,8 @@ def create_app(
             return PlainTextResponse(result["text"].strip() + "\n")
         if response_format == "json":
             return JSONResponse({"text": result["text"].strip()})
-        return JSONResponse({
-            "task": task, "language": LANGUAGES.get(result.get("language", ""), result.get("language")),
-            "duration": finished.job.audio_s, "text": result["text"].strip(), "segments": result["segments"],
-        })  # fmt: skip
+        return JSONResponse(verbose_json(result, task=task, duration=finished.job.audio_s,
+                                         granularities=granularities or ("segment",)))
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(
@@ -146,9 +152,13 @@ def create_app(
         prompt: Annotated[Optional[str], Form()] = None,
         response_format: Annotated[OpenAIFormat, Form()] = "json",
         temperature: Annotated[Optional[float], Form(ge=0, le=1)] = None,
+        timestamp_granularities: Annotated[Optional[list[Granularity]], Form(
+            alias="timestamp_granularities[]",
+            description="with verbose_json: segment (the default), word, or both")] = None,
     ) -> Response:
         """OpenAI-compatible transcription (model: a model the config uses, else the default one)."""
-        return await openai(request, "transcribe", file, model, language, prompt, response_format, temperature)
+        return await openai(request, "transcribe", file, model, language, prompt, response_format, temperature,
+                            tuple(timestamp_granularities or ()))
 
     @app.post("/v1/audio/translations")
     async def translations(
@@ -161,6 +171,17 @@ def create_app(
     ) -> Response:
         """OpenAI-compatible translation into English."""
         return await openai(request, "translate", file, model, None, prompt, response_format, temperature)
+
+    @app.post("/recognise")
+    async def recognise(
+        request: Request,
+        file: Annotated[UploadFile, File()],
+        language: Annotated[Optional[str], Form()] = None,
+        task: Annotated[Literal["transcribe", "translate"], Form()] = "transcribe",
+    ) -> Response:
+        """The first whisperd's /recognise: whisper's own result (text, segments, language), its json output."""
+        finished = await run(request, file, Ask(("json",), task=task, language=language))
+        return JSONResponse(json.loads(finished.outputs["json"]))
 
     @app.post("/asr")
     async def asr(
@@ -194,6 +215,29 @@ def create_app(
         return {"detected_language": LANGUAGES.get(code, code), "language_code": code}
 
     return app
+
+
+def verbose_json(result: dict[str, Any], *, task: str, duration: float | None,
+                 granularities: Sequence[str]) -> dict[str, Any]:
+    """Return OpenAI's verbose_json (TranscriptionVerbose, TranslationVerbose) made of whisper's result.
+
+    `segments` and `words` each appear only when asked for, as OpenAI answers; OpenAI's words carry
+    no leading space (whisper's do) and no probability.
+    """
+    code = result.get("language") or ""
+    answer: dict[str, Any] = {
+        "task": task,
+        # OpenAI names the language in full, lower case; a translation's is the language it is in.
+        "language": "english" if task == "translate" else LANGUAGES.get(code, code),
+        "duration": duration if duration is not None else 0.0,
+        "text": result["text"].strip(),
+    }
+    if "segment" in granularities:
+        answer["segments"] = [{k: s[k] for k in OPENAI_SEGMENT_FIELDS} for s in result["segments"]]
+    if "word" in granularities:
+        answer["words"] = [{"word": w["word"].strip(), "start": w["start"], "end": w["end"]}
+                           for s in result["segments"] for w in s.get("words", ()) if w["word"].strip()]
+    return answer
 
 
 def _refusal(err: RequestRefused, headers: dict[str, str] | None = None) -> Response:
