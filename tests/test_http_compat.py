@@ -142,6 +142,22 @@ def test_recognise_returns_whispers_json(base: tuple[Daemon, str]) -> None:
                                    "no_speech_prob"} <= set(result["segments"][0])
 
 
+def test_bazarr_asks_the_language_then_srt_on_raw_pcm(base: tuple[Daemon, str], tmp_path: Path) -> None:
+    """Bazarr's calls, as its whisperai provider makes them (raw 16-bit 16 kHz mono PCM as `audio_file`),
+    on the real base model: /detect-language?encode=false answers en, and
+    /asr?...&output=srt&encode=false an srt whose cues hold the sentence."""
+    pcm = tmp_path / "audio.pcm"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(SMALL_DOG), "-f", "s16le", "-ac", "1", "-ar", "16000",
+                    str(pcm)], check=True)
+    client = Client(base[1], TOKEN)
+    status, body = client.upload("/detect-language?encode=false", pcm, name="audio_file")
+    assert status == 200 and json.loads(body) == {"detected_language": "english", "language_code": "en"}, body
+    status, body = client.upload("/asr?task=transcribe&language=en&output=srt&encode=false", pcm, name="audio_file")
+    assert status == 200, body
+    cues = pysubs2.SSAFile.from_string(body.decode(), format_="srt")
+    assert cues and word_error_rate(SPEECHBRAIN[SMALL_DOG.name], " ".join(c.plaintext for c in cues)) == 0, body
+
+
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[tuple[Daemon, str]]:
     """A daemon on the tiny random test model with fast decoding: for schemathesis's many requests."""
