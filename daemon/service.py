@@ -53,6 +53,7 @@ STATUS_EVERY_S = 1.0  # how often systemd's STATUS= line is refreshed (sent only
 INSTANCE_BEAT_S = 5.0  # how often this process tells the journal it is alive (and its models)
 WORKER_STALE_S = 120.0  # a worker without a heartbeat this long is not responding (no beat is recorded)
 CANCEL_WAIT_S = 5.0  # after shutdown_grace, at most this long for the job to reach a safe point
+API_FAILED_SWEEP_S = 5.0  # how often the HTTP API's failed uploads are removed
 API_SWEEP_S = 600.0  # how often the HTTP API's abandoned files are looked for, and how long past its timeout they stay
 PRUNE_EVERY_S = 6 * 3600.0  # finished jobs past the retention are removed this often (and at start)
 IDLE_UNLOAD_CHECK_S = 15.0  # how often idle models are looked for (model_idle_unload)
@@ -187,6 +188,8 @@ class Service:
         self.scheduler.add_job(self._prune, "interval", seconds=PRUNE_EVERY_S, id="prune", max_instances=1,
                                coalesce=True, next_run_time=datetime.now(timezone.utc))
         if self.api_jobs is not None:
+            self.scheduler.add_job(self._drop_failed_uploads, "interval", seconds=API_FAILED_SWEEP_S,
+                                   id="api_failed", max_instances=1, coalesce=True)
             self.scheduler.add_job(self._sweep_api, "interval", seconds=API_SWEEP_S, id="api_sweep",
                                    max_instances=1, coalesce=True)
         idle_s = self.config.settings.model_idle_unload
@@ -242,6 +245,12 @@ class Service:
     def cancel_job(self, job_id: int) -> bool:
         """Return True when a worker runs job_id: it ends at its next check, cancelled (an API client's)."""
         return any(worker.cancel_job(job_id) for worker in self.workers)
+
+    def _drop_failed_uploads(self) -> None:
+        """Remove the API's failed uploads soon: only their reason matters, and it is in the journal."""
+        if self.api_jobs is not None:
+            with contextlib.suppress(OSError):
+                self.api_jobs.drop_failed_uploads()
 
     def _sweep_api(self) -> None:
         """Remove the API's files that no request waits for any more (timed out, or left by a stop)."""

@@ -249,6 +249,8 @@ class Worker:
                 if taken is not None:
                     taken.source.close()
                     fsutil.unlink(taken.place)
+                    fsutil.remove_empty_dirs(taken.place.parent, _area_of(job, taken.place))
+                    taken = None
                 self.journal.mark_failed(job.id, "cancelled by its client", "cancel", None,
                                          now=self.clock(), failure=Failure.CANCELLED)
                 bound.info("job_cancelled", reason="cancelled by its client")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import media
 import pysubs2
@@ -252,7 +253,17 @@ def test_async_job_reports_progress_gives_every_format_and_can_be_cancelled(
     assert client.request("DELETE", f"/v1/jobs/{created['id']}")[0] == 204
     assert client.request("GET", f"/v1/jobs/{created['id']}")[0] == 404
     assert client.request("GET", f"/v1/jobs/{created['id']}/result")[0] == 404
-    assert client.request("GET", "/v1/jobs/1-" + "0" * 32)[0] == 404
+    for made_up in ("1-" + "0" * 32, "9" * 30 + "-" + "0" * 32, "\u0661-" + "0" * 32):
+        assert client.request("GET", "/v1/jobs/" + quote(made_up))[0] == 404, made_up
+
+    # A file whisperd refuses: the job fails with the reason, its result is that 400, and the upload
+    # itself does not stay on the state disk (nobody fetches it).
+    status, body = client.upload("/v1/jobs", media_set.not_media)
+    refused = _wait_async(client, json.loads(body)["id"], ("failed",))
+    assert refused["failure"] == "refused" and refused["error"], refused
+    status, _, body = client.request("GET", f"/v1/jobs/{refused['id']}/result")
+    assert status == 400 and json.loads(body)["detail"] == refused["error"], body
+    daemon.wait_for(lambda: _api_files(daemon) == [], 20, "the failed upload to be removed")
 
     long = tmp_path / "long.opus"  # half an hour in 1.4 MB: under max_upload
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=f=440:d=1800", "-c:a", "libopus",
@@ -268,6 +279,10 @@ def test_async_job_reports_progress_gives_every_format_and_can_be_cancelled(
             break
         time.sleep(0.05)
     assert view["state"] == "running" and 0 < view["progress"] < 1 and view["eta_s"] > 0, view
+    # The status page shows it as an upload: its file name holds the id's secret half.
+    status, _, body = client.request("GET", "/v1/status")
+    assert status == 200 and job_id.split("-")[1] not in body.decode(), body
+    assert f"upload #{job_id.split('-')[0]}" in body.decode()
     status, _, body = client.request("GET", f"/v1/jobs/{job_id}/result")
     assert status == 409, body
     status, _, body = client.request("DELETE", f"/v1/jobs/{job_id}")
@@ -275,8 +290,10 @@ def test_async_job_reports_progress_gives_every_format_and_can_be_cancelled(
     cancelled = _wait_async(client, job_id, ("cancelled",), timeout=30)
     assert cancelled["failure"] == "cancelled"
     status, _, body = client.request("GET", f"/v1/jobs/{job_id}/result")
-    assert status == 409 and "cancelled" in json.loads(body)["detail"], body
+    assert status == 410 and "cancelled" in json.loads(body)["detail"], body
     daemon.wait_for(lambda: _api_files(daemon) == [], 10, "the cancelled job's upload to go")
+    processing = Path(daemon.data["state_dir"]) / "processing" / "_api"
+    assert not processing.exists() or list(processing.iterdir()) == []  # no empty folder per cancel
 
 
 def test_a_folder_file_and_a_request_share_one_loaded_model(tcp: tuple[Daemon, Client], media_set: MediaSet) -> None:
@@ -331,12 +348,21 @@ def test_api_job_is_claimed_before_a_waiting_folder_job(tcp: tuple[Daemon, Clien
         status, body = client.upload("/v1/jobs", media_set.speech_wav)
         assert status == 202, body
         job_id = json.loads(body)["id"]
-        # http.max_waiting API jobs wait: one more is refused at once; a queued one can be cancelled.
-        extra = [json.loads(client.upload("/v1/jobs", media_set.speech_wav)[1])["id"]
-                 for _ in range(MAX_WAITING - 1)]
-        status, headers, body = client.request("POST", "/v1/jobs",
-                                               files={"file": ("a.wav", media_set.speech_wav.read_bytes())})
-        assert status == 503 and "max_waiting" in json.loads(body)["detail"] and headers["retry-after"], body
+        # http.max_waiting API jobs wait, however many arrive at once: the others are refused at once
+        # with Retry-After; a queued one can be cancelled.
+        answers: list[tuple[int, dict[str, str], bytes]] = []
+        senders = [threading.Thread(target=lambda: answers.append(client.request(
+            "POST", "/v1/jobs", files={"file": ("a.wav", media_set.speech_wav.read_bytes())})))
+            for _ in range(MAX_WAITING + 3)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(60)
+        extra = [json.loads(body)["id"] for status, _, body in answers if status == 202]
+        refused = [(status, headers, body) for status, headers, body in answers if status != 202]
+        assert len(extra) == MAX_WAITING - 1 and len(refused) == 4, answers
+        for status, headers, body in refused:
+            assert status == 503 and "max_waiting" in json.loads(body)["detail"] and headers["retry-after"], body
         for other in extra:
             status, _, body = client.request("DELETE", f"/v1/jobs/{other}")
             assert status == 200 and json.loads(body)["state"] == "cancelled", body
@@ -346,7 +372,8 @@ def test_api_job_is_claimed_before_a_waiting_folder_job(tcp: tuple[Daemon, Clien
     assert finished["audio_s"] > 0
     folder_job = daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.DONE]) if j.rel_path == "waiting.wav"],
                                  60, "the folder job")[0]
-    api_job = max((j for j in daemon.jobs([JobState.DONE]) if j.folder == "_api"), key=lambda j: j.id)
+    [api_job] = [j for j in daemon.jobs([JobState.DONE]) if j.id == int(job_id.split("-")[0])]
+    assert client.request("DELETE", f"/v1/jobs/{job_id}")[0] == 204  # its results go at once
     assert api_job.created_at > folder_job.created_at
     assert api_job.started_at is not None and folder_job.started_at is not None
     assert api_job.started_at < folder_job.started_at
@@ -407,6 +434,32 @@ def test_unix_socket_timeout_and_stop(tmp_path: Path, checkpoint: Path, media_se
     waiting.join(10)
     assert answer["status"] == 503 and "stopping" in json.loads(answer["body"])["detail"], answer
     assert not sock.exists()
+
+
+def test_a_client_that_hangs_up_cancels_its_running_job(tcp: tuple[Daemon, Client], tmp_path: Path) -> None:
+    """A client that sends a long file and hangs up while it transcribes: its job stops mid-file,
+    cancelled, and its files go; nothing is transcribed for nobody."""
+    daemon, client = tcp
+    long = tmp_path / "long.opus"  # half an hour in 1.4 MB: under max_upload
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=f=440:d=1800", "-c:a", "libopus",
+                    "-b:a", "6k", str(long)], check=True)
+    before = {j.id for j in daemon.jobs() if j.folder == "_api"}
+    host, _, port = client.listen.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="long.opus"\r\n\r\n'
+            + long.read_bytes() + b"\r\n--x--\r\n")
+    conn.request("POST", "/v1/audio/transcriptions", body=body,
+                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "multipart/form-data; boundary=x"})
+    [running] = daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.RUNNING])
+                                         if j.folder == "_api" and j.id not in before and j.progress], 60,
+                                "the request's job to transcribe")
+    conn.close()  # the client gives up
+    [ended] = daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.FAILED]) if j.id == running.id], 30,
+                              "the job to be cancelled")
+    assert ended.failure == "cancelled"
+    assert daemon.event("api_request_gone") is not None
+    # (Async jobs' results stay for http.keep_results; a request's files are the ones named req-.)
+    daemon.wait_for(lambda: not [f for f in _api_files(daemon) if "req-" in f], 10, "its files to go")
 
 
 def test_a_request_does_not_wait_for_a_folder_file_being_transcribed(

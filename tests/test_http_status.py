@@ -140,18 +140,23 @@ def test_the_page_and_its_json_need_the_token_as_bearer_or_basic_password(served
         basic = base64.b64encode(f"{user}:{password}".encode()).decode()
         assert _get_with(client, "/v1/status", f"Basic {basic}") == expected, (user, password)
     assert _get_with(client, "/v1/status", "Basic not-base64!") == 401
+    # Only the page's reads take Basic: a browser replays it on any site's requests to this origin,
+    # and another site's form must not thereby queue work or read other routes.
+    basic = "Basic " + base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+    assert _get_with(client, "/readyz", basic) == 401
+    assert _get_with(client, "/v1/jobs", basic, method="POST") == 401
     status, _, body = client.request("GET", "/v1/status")
     report = json.loads(body)
     assert status == 200 and report["daemon"]["state"] == "running" and {"media", "slow", "_api"} <= set(
         report["folders"])
 
 
-def _get_with(client: Client, path: str, authorization: str) -> int:
-    """Return the status of a GET with this Authorization header, as sent (the Client only sends bearer)."""
+def _get_with(client: Client, path: str, authorization: str, method: str = "GET") -> int:
+    """Return the status of a request with this Authorization header, as sent (the Client only sends bearer)."""
     host, _, port = client.listen.rpartition(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
-        conn.request("GET", path, headers={"Authorization": authorization})
+        conn.request(method, path, headers={"Authorization": authorization})
         response = conn.getresponse()
         response.read()
         return response.status

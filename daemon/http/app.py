@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Optional
 from urllib.parse import quote
 
@@ -23,8 +24,8 @@ from daemon.errors import RequestRefused
 from daemon.http.async_jobs import add_async_routes
 from daemon.http.jobs import ApiJobs, Ask, Finished, safe_suffix
 from daemon.http.metrics import Metrics, RequestMetrics, add_metrics_route
-from daemon.http.status_page import BASIC_CHALLENGE, PAGE_PATHS, add_status_routes, bearer_from_basic
-from daemon.http.tokens import authorized
+from daemon.http.status_page import BASIC_CHALLENGE, BASIC_PATHS, PAGE_PATHS, add_status_routes
+from daemon.http.tokens import TokenGate
 from daemon.languages import LANGUAGES
 
 log = structlog.get_logger("whisperd")
@@ -52,16 +53,9 @@ def create_app(
     open_paths = OPEN_PATHS | ({"/metrics"} if metrics_open else set())
     add_async_routes(app, jobs, keep_results_s)
 
-    @app.middleware("http")
-    async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        # The token as a bearer header, or as a Basic password (a browser opening the status page).
-        if tokens is not None and request.url.path not in open_paths and not authorized(
-            bearer_from_basic(request.headers.get("authorization")), tokens
-        ):
-            page = request.url.path in PAGE_PATHS  # a browser asks for the token on a Basic challenge
-            return _refusal(RequestRefused(401, "a valid 'Authorization: Bearer <token>' header is needed"),
-                            {"WWW-Authenticate": BASIC_CHALLENGE if page else "Bearer"})
-        return await call_next(request)
+    app.add_middleware(TokenGate, tokens=tokens, open_paths=open_paths, basic_paths=BASIC_PATHS,
+                       challenge_paths=PAGE_PATHS, basic_challenge=BASIC_CHALLENGE,
+                       refuse=lambda reason, headers: _refusal(RequestRefused(401, reason), headers))
 
     # Added last, so outermost: refusals are counted too.
     app.add_middleware(RequestMetrics, metrics=metrics, routes=lambda: app.router.routes)
@@ -199,7 +193,8 @@ def create_app(
         """whisper-asr-webservice's /asr, as Bazarr's whisper provider calls it."""
         ask = Ask((output,), task=task, language=language, prompt=initial_prompt, word_timestamps=word_timestamps)
         finished = await run(request, audio_file, ask, raw_pcm=not encode)
-        name = quote(audio_file.filename or "audio")
+        # The upload's own name, without any folders it named: nothing of a path goes back either.
+        name = quote(PurePosixPath((audio_file.filename or "").replace("\\", "/")).name or "audio")
         return PlainTextResponse(finished.outputs[output], headers={
             "Asr-Engine": "whisperd", "Content-Disposition": f'attachment; filename="{name}.{output}"'})
 

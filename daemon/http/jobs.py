@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 import uuid
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from daemon import fsutil
+from daemon import fsutil, layout
 from daemon.config import API_FOLDER, Config, Folder
 from daemon.errors import Failure, RequestRefused
 from daemon.health import Health
@@ -33,12 +34,13 @@ COPY_CHUNK = 1 << 20
 # that served it) or an async job (POST /v1/jobs), which outlives a restart and is fetched later.
 REQUEST_PREFIX = "req-"
 ASYNC_PREFIX = "job-"
+UPLOAD_NAME = re.compile(r"(?:req|job)-[0-9a-f]{32}(?:\.[a-z0-9]+)?")  # an upload's stored name, in any text
 ASYNC_FORMATS = ("txt", "srt", "vtt", "tsv", "json")  # an async job's result is fetched later in any of them
 UNREADY_RETRY_S = 30  # Retry-After when the API cannot take work now
 CANCEL_TRIES = 20
 FULL_RETRY_S = 10  # Retry-After when http.max_waiting API jobs wait already
 # The HTTP status a failed job's request is answered with, by daemon.errors.Failure.
-FAILURE_STATUS = {Failure.REFUSED: 400, Failure.TOO_LONG: 422, Failure.GAVE_UP: 500, Failure.CANCELLED: 409}
+FAILURE_STATUS = {Failure.REFUSED: 400, Failure.TOO_LONG: 422, Failure.GAVE_UP: 500, Failure.CANCELLED: 410}
 
 
 def safe_suffix(filename: str | None) -> str:
@@ -118,6 +120,8 @@ class ApiJobs:
         self.wake = wake
         self.stopping = stopping
         self.cancel_running = cancel_running  # asks the worker running a job to end it as cancelled
+        self._admission = threading.Lock()
+        self._arriving = 0  # admitted uploads still being copied, not yet in the journal
 
     @property
     def folder(self) -> Folder:
@@ -142,17 +146,35 @@ class ApiJobs:
         folder's file. Both are refused while more than http.max_waiting API jobs wait.
         """
         config = self.config()
-        folder = config.folders[API_FOLDER]
         if self.stopping.is_set():
             raise RequestRefused(503, "whisperd is stopping; send the request again", retry_after=UNREADY_RETRY_S)
         if not asynchronous and (reason := self.unready()) is not None:
             raise RequestRefused(503, f"the API cannot take work now: {reason}", retry_after=UNREADY_RETRY_S)
+        with self._admitting(config):
+            return self._queue(upload, suffix, ask, config, raw_pcm=raw_pcm, asynchronous=asynchronous)
+
+    @contextlib.contextmanager
+    def _admitting(self, config: Config) -> Iterator[None]:
+        """Admit one more API job within http.max_waiting, counting uploads still being copied: requests
+        that arrive together cannot all pass the check before any of them is queued."""
         limit = config.settings.http.max_waiting if config.settings.http else 0
-        counts = self.journal.counts().get(API_FOLDER, {})
-        waiting = sum(counts.get(state.value, 0) for state in JobState.active())
-        if limit and waiting >= limit:
-            raise RequestRefused(503, f"{waiting} API jobs wait already (http.max_waiting); send it again later",
-                                 retry_after=FULL_RETRY_S)
+        with self._admission:
+            counts = self.journal.counts().get(API_FOLDER, {})
+            waiting = sum(counts.get(state.value, 0) for state in JobState.active()) + self._arriving
+            if limit and waiting >= limit:
+                raise RequestRefused(503, f"{waiting} API jobs wait already (http.max_waiting); send it again later",
+                                     retry_after=FULL_RETRY_S)
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._admission:
+                self._arriving -= 1
+
+    def _queue(
+        self, upload: BinaryIO, suffix: str, ask: Ask, config: Config, *, raw_pcm: bool, asynchronous: bool
+    ) -> tuple[Job, str]:
+        folder = config.folders[API_FOLDER]
         stem = (ASYNC_PREFIX if asynchronous else REQUEST_PREFIX) + uuid.uuid4().hex
         # Always a suffix: every file of the request is found by "<stem>." when it is cleaned up.
         name = stem + (".wav" if raw_pcm else suffix or ".bin")
@@ -193,8 +215,9 @@ class ApiJobs:
     def lookup(self, public_id: str) -> tuple[Job, str] | None:
         """Return the async job and its upload's stem for an id from public_id(), or None."""
         number, _, secret = public_id.partition("-")
-        if not number.isdigit() or len(secret) != 32 or not set(secret) <= _SUFFIX_CHARS:
-            return None
+        if not (number.isascii() and number.isdigit() and len(number) <= 18) or len(secret) != 32 \
+                or not set(secret) <= _SUFFIX_CHARS:
+            return None  # (ASCII digits only: "١" is a digit to Python; 18 of them fit SQLite's integer)
         job = self.journal.get(int(number))
         stem = ASYNC_PREFIX + secret
         if job is None or job.folder != API_FOLDER or not job.rel_path.startswith(stem + "."):
@@ -212,8 +235,9 @@ class ApiJobs:
             if now is None:
                 return None
             if now.state in (JobState.QUEUED, JobState.RETRY_WAIT):
-                self.journal.mark_failed(job.id, "cancelled by its client", "cancel", None, now=time.time(),
-                                         failure=Failure.CANCELLED)
+                if not self.journal.cancel_waiting(job.id, "cancelled by its client", now=time.time()):
+                    continue  # claimed meanwhile: a worker has it now
+                self._remove_taken_original(now)  # a job waiting to retry keeps it in the processing area
                 return self.journal.get(job.id)
             if now.state != JobState.RUNNING:
                 self.discard(stem)  # finished: its results go, and the job is forgotten
@@ -238,6 +262,20 @@ class ApiJobs:
                 if entry.name.startswith(stem + ".") and entry.is_file(follow_symlinks=False):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
+
+    def _remove_taken_original(self, job: Job) -> None:
+        """Remove the original a job that waits to retry left in the processing area, and its folder."""
+        if not job.processing_path:
+            return
+        place = layout.recorded_processing(self.folder, job.processing_path, job.id, job.rel_path)
+        with contextlib.suppress(FileNotFoundError):
+            fsutil.unlink(place)
+        fsutil.remove_empty_dirs(place.parent, place.rel.parent.parent)
+
+    def drop_failed_uploads(self) -> int:
+        """Remove the failed copies of uploads (nobody fetches them: a client reads the reason from the
+        journal); return how many. Left for later, junk posted again and again would fill the disk."""
+        return sweep_area(self.folder, older_than=None, dirs=(self.folder.failed,))
 
     def unready(self) -> str | None:
         """Return why the API cannot take work now (stopping, paused, its model unavailable), or None."""
@@ -287,7 +325,10 @@ def spool_dir(folder: Folder) -> Path:
     return folder.inbox.parent / "spool"
 
 
-def sweep_area(folder: Folder, *, older_than: float | None, only: Callable[[str], bool] | None = None) -> int:
+def sweep_area(
+    folder: Folder, *, older_than: float | None, only: Callable[[str], bool] | None = None,
+    dirs: tuple[Path, ...] | None = None,
+) -> int:
     """Remove the API folder's files last changed before `older_than` (all with None); return how many.
 
     A request that timed out, or a process that stopped while requests waited, leaves them behind,
@@ -295,7 +336,7 @@ def sweep_area(folder: Folder, *, older_than: float | None, only: Callable[[str]
     gone is dropped by the worker as a vanished file.
     """
     removed = 0
-    for path in (folder.inbox, folder.outbox, folder.failed):
+    for path in dirs or (folder.inbox, folder.outbox, folder.failed):
         try:
             entries = list(os.scandir(path))
         except FileNotFoundError:

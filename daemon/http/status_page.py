@@ -11,8 +11,6 @@ browser asks for it once, and sends it again with the page's own requests.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import importlib.resources
 import time
 from functools import cache
@@ -22,9 +20,11 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
-from daemon.http.jobs import ApiJobs
+from daemon.config import API_FOLDER
+from daemon.http.jobs import UPLOAD_NAME, ApiJobs
 from daemon.operations import status_report
 
+BASIC_PATHS = frozenset({"/", "/v1/status"})  # the page and what it reads: the token may come as a Basic password
 PAGE_PATHS = frozenset({"/"})  # answered 401 with a Basic challenge, so a browser asks for the token
 BASIC_CHALLENGE = 'Basic realm="whisperd", charset="UTF-8"'
 # The page's script is inline: a policy that allows that script and its own origin's requests, nothing else.
@@ -36,24 +36,6 @@ PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsaf
 def page_html() -> str:
     """Return the status page (read once from the package)."""
     return importlib.resources.files("daemon.http").joinpath("status.html").read_text(encoding="utf-8")
-
-
-def bearer_from_basic(header: str | None) -> str | None:
-    """Return an Authorization header as a bearer one: a Basic header's password is taken as the token.
-
-    Any other header is returned as it is; a Basic header that does not decode becomes None.
-    """
-    if header is None:
-        return None
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "basic":
-        return header
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    _user, colon, password = decoded.partition(":")
-    return f"Bearer {password}" if colon and password else None
 
 
 def add_status_routes(app: FastAPI, jobs: ApiJobs) -> None:
@@ -69,4 +51,21 @@ def add_status_routes(app: FastAPI, jobs: ApiJobs) -> None:
     async def status() -> dict[str, Any]:
         """What `whisperd status --json` says: the daemon, each folder, running jobs with ETA, the queue,
         recent failures and why folders are paused."""
-        return await run_in_threadpool(lambda: status_report(jobs.config(), jobs.journal, time.time()))
+        report = await run_in_threadpool(lambda: status_report(jobs.config(), jobs.journal, time.time()))
+        return without_upload_names(report)
+
+
+def without_upload_names(report: dict[str, Any]) -> dict[str, Any]:
+    """Return the status report with API jobs shown as "upload #<id>": an async job's file name holds
+    the secret half of its id, and any token holder may read this page."""
+    for key in ("running", "interrupted", "queue", "recent_failures"):
+        for view in report.get(key, ()):
+            if view.get("folder") != API_FOLDER:
+                continue
+            view["path"] = f"upload #{view['id']}"
+            for field in ("original", "outputs"):
+                view.pop(field, None)
+            for field in ("error", "previous_error", "warning"):
+                if isinstance(view.get(field), str):
+                    view[field] = UPLOAD_NAME.sub("the upload", view[field])
+    return report

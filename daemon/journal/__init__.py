@@ -172,6 +172,11 @@ class Journal(Protocol):
         """Count a failed attempt and end the job as failed; `failure` says why (a daemon.errors.Failure)."""
         ...
 
+    def cancel_waiting(self, job_id: int, reason: str, *, now: float) -> bool:
+        """End a job that waits (queued or waiting to retry) as failed, cancelled; return False when it
+        no longer waits (a worker claimed it meanwhile, or it ended)."""
+        ...
+
     def requeue(self, job_id: int, *, now: float, crashed: bool = False, due: float | None = None) -> None:
         """Return a running job to the queue without counting an attempt; `crashed` counts a crash.
 

@@ -349,6 +349,17 @@ class SqliteJournal:
              getattr(failure, "value", failure)),  # a Failure member is stored as its value
         )
 
+    def cancel_waiting(self, job_id: int, reason: str, *, now: float) -> bool:
+        """End a waiting job as cancelled; False when it no longer waits (one statement: no worker's
+        claim can come between the look and the change)."""
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state='failed', last_error=?, last_stage='cancel', finished_at=?, updated_at=?,"
+                " progress=NULL, stays=0, failure='cancelled' WHERE id=? AND state IN ('queued', 'retry_wait')",
+                (reason, now, now, job_id),
+            )
+            return cursor.rowcount == 1
+
     def requeue(self, job_id: int, *, now: float, crashed: bool = False, due: float | None = None) -> None:
         """Return a running job to the queue without counting an attempt; `crashed` counts a crash.
 
