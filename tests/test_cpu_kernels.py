@@ -129,6 +129,21 @@ def test_int8_gives_a_window_the_same_bits_alone_as_in_a_batch(plain: whisper.Wh
     assert float((together - reference).norm() / reference.norm()) < 0.15
 
 
+def test_int8_kernels_agree_bit_for_bit() -> None:
+    """The two int8 kernels, oneDNN's (where it is exact) and torch._int_mm (everywhere), give the same
+    bits: which one a CPU gets changes the speed, never the words."""
+    from daemon.models.cpu import _int8_kernel, _Int8Linear
+
+    if _int8_kernel() != "onednn":
+        pytest.skip("oneDNN's int8 linear is missing or inexact on this CPU: only torch._int_mm runs")
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(512, 384)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(384, 512, generator=generator) * 0.05)
+    x = torch.randn(2, 37, 512, generator=generator) * 3
+    assert torch.equal(_Int8Linear(linear, "onednn")(x), _Int8Linear(linear, "int_mm")(x))
+
+
 def test_int8_batched_engine_hears_the_real_recordings_within_a_point_of_float32(
     pretrained: Pretrained, recordings: list[Recording]  # noqa: F811 (the fixture imported above)
 ) -> None:
