@@ -106,7 +106,7 @@ def _whisperd_registry(spec: Result, d: Decoding) -> Any:
 
         own = transcribe.decode_options
         transcribe.decode_options = lambda *a, **k: {**own(*a, **k), **extra}  # type: ignore[assignment]
-    # On a CPU the variant's dtype is whisperd's cpu_dtype (float32, or bfloat16 for the -bf16 variant).
+    # On a CPU the variant's dtype is whisperd's cpu_dtype (float32, or bfloat16/int8 for the -bf16/-int8 variants).
     cpu_dtype = spec["variant"]["dtype"] if spec["device"] == "cpu" else "auto"
     return ModelRegistry(Path(spec["weights"]["model_dir"]), device=spec["device"], torch_threads=spec["threads"],
                          cpu_dtype=cpu_dtype)

@@ -85,6 +85,9 @@ def catalog(device: str) -> list[Variant]:
     if device == "cpu":
         variants.append(Variant("whisperd-batched-bf16", "whisperd-batched", device, "bfloat16",
                                 "the same with `cpu_dtype: bfloat16` (encoder and cross-attention keys in bfloat16)"))
+        variants.append(Variant("whisperd-batched-int8", "whisperd-batched", device, "int8",
+                                "the same with `cpu_dtype: int8` (encoder linear layers and cross-attention key/value "
+                                "projections int8 by int8, activations scaled per token)"))
     return variants
 
 

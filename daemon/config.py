@@ -344,7 +344,7 @@ class Settings(_Strict):
     preload_models: tuple[ModelName, ...] = Field((), description="models loaded at start-up so the first file waits for nothing")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default. On small CPUs, 1 is often fastest for small models")
     jobs_in_flight: int = Field(1, ge=1, le=16, description="files processed side by side: each is prepared (probed, extracted) on its own while the others transcribe, and the batched engine decodes their windows together; 1 processes one file at a time")
-    cpu_dtype: Literal["float32", "bfloat16"] = Field("float32", description="on a CPU: float32 is exact; bfloat16 runs the encoder and the cross-attention keys in bfloat16, about 1.8x faster where the CPU has AVX-512 BF16 or AMX, at a small cost in accuracy")
+    cpu_dtype: Literal["float32", "bfloat16", "int8"] = Field("float32", description="on a CPU: float32 is exact; bfloat16 runs the encoder and the cross-attention keys in bfloat16, about 1.8x faster where the CPU has AVX-512 BF16 or AMX, at a small cost in accuracy; int8 runs the encoder's linear layers and the cross-attention key/value projections int8 by int8 (activations scaled per token, so a window's words never depend on the others in its batch), where the CPU has VNNI or AMX")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal, JSON otherwise (journald)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     probe_timeout: Seconds = Field(60.0, gt=0, description="wall-clock limit for ffprobe")

@@ -1,5 +1,6 @@
 """The CPU kernels (`cpu_dtype`): float32 decodes exactly what whisper's own modules decode; bfloat16
-hears the real recordings as well; word timing, language detection and beam search still work.
+and int8 hear the real recordings as well; int8 gives a window the same bits alone as in a batch;
+word timing, language detection and beam search still work.
 
 The real pretrained base model on real recordings; the unmodified model is whisper's own module,
 built from the same checkpoint, as the reference.
@@ -13,10 +14,12 @@ import pytest
 import torch
 import whisper
 from conftest import Pretrained
-from test_batched import FIXTURES, normalized_wer
+from test_batched import FIXTURES, Recording, normalized_wer, recordings, rule  # noqa: F401 (a fixture)
 from test_real_speech import JFK, JFK_TEXT, SPEECHBRAIN
 
+from daemon.models import ModelRegistry
 from daemon.models.cpu import optimise_for_cpu
+from daemon.pipeline.batched import BatchedEngine
 
 RECORDINGS = [(JFK, JFK_TEXT)] + [(FIXTURES / name, text) for name, text in SPEECHBRAIN.items()]
 GREEDY = whisper.DecodingOptions(language="en", fp16=False, temperature=0.0)
@@ -69,7 +72,7 @@ def test_bfloat16_kernels_hear_the_real_recordings_as_well(plain: whisper.Whispe
 def test_word_timing_language_detection_and_beam_search_still_work(plain: whisper.Whisper) -> None:
     """The changed attention keeps what whisper's transcribe needs: word timings from the cross-attention
     weights, detect_language, and beam search's reordering of the key/value cache."""
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "int8"):
         fast = optimise_for_cpu(copy.deepcopy(plain), dtype)
         result = whisper.transcribe(fast, str(JFK), fp16=False, temperature=0.0, beam_size=5, word_timestamps=True)
         words = [w for s in result["segments"] for w in s["words"]]
@@ -89,16 +92,68 @@ def test_float32_vocabulary_weights_keep_whispers_own_projection(plain: whisper.
 
 
 def test_the_cpu_dtype_setting_reaches_the_loaded_model(pretrained: Pretrained) -> None:
-    """cpu_dtype from the config is what the registry loads: float32 by default, bfloat16 when asked;
-    any other value is a config error."""
+    """cpu_dtype from the config is what the registry loads: float32 by default, bfloat16 or int8 when
+    asked; any other value is a config error."""
     from daemon.config import Settings
-    from daemon.models import ModelRegistry
 
     assert Settings().cpu_dtype == "float32"
     with pytest.raises(ValueError, match="cpu_dtype"):
-        Settings.model_validate({"cpu_dtype": "int8"})
-    for dtype, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        Settings.model_validate({"cpu_dtype": "int4"})
+    for dtype, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.float32)):
         registry = ModelRegistry(pretrained.model_dir, device="cpu", cpu_dtype=dtype)
         model = registry.get(str(pretrained.base))
         assert model.encoder.conv1.weight.dtype == expected
         assert model.decoder.blocks[0].cross_attn.key.weight.dtype == expected
+        int8 = type(model.encoder.blocks[0].mlp[0]).__name__ == "_Int8Linear"
+        assert int8 == (dtype == "int8")
+
+
+def test_int8_gives_a_window_the_same_bits_alone_as_in_a_batch(plain: whisper.Whisper) -> None:
+    """cpu_dtype int8: each window's encoder output, and so its tokens, are bit for bit the same
+    whether it is encoded alone or in a batch with other windows (activations are scaled per row,
+    never per batch)."""
+    fast = optimise_for_cpu(copy.deepcopy(plain), "int8")
+    recorded = mels()
+    quiet = recorded[0] * 0.5 - 0.5  # a louder-quieter variant: the scale a shared one would take differs
+    batch = torch.cat([recorded, quiet[None], recorded.flip(0)])
+    with torch.inference_mode():
+        together = fast.embed_audio(batch)
+        alone = [fast.embed_audio(batch[i : i + 1])[0] for i in range(len(batch))]
+        tokens_together = [r.tokens for r in whisper.decode(fast, batch, GREEDY)]
+        tokens_alone = [whisper.decode(fast, batch[i : i + 1], GREEDY)[0].tokens for i in range(len(batch))]
+        reference = plain.embed_audio(batch)
+    for i, window in enumerate(alone):
+        assert torch.equal(window, together[i]), i
+    assert tokens_alone == tokens_together
+    # Close to float32 (not equal): int8 is a choice, like bfloat16.
+    assert float((together - reference).norm() / reference.norm()) < 0.15
+
+
+def test_int8_kernels_agree_bit_for_bit() -> None:
+    """The two int8 kernels, oneDNN's (where it is exact) and torch._int_mm (everywhere), give the same
+    bits: which one a CPU gets changes the speed, never the words."""
+    from daemon.models.cpu import _int8_kernel, _Int8Linear
+
+    if _int8_kernel() != "onednn":
+        pytest.skip("oneDNN's int8 linear is missing or inexact on this CPU: only torch._int_mm runs")
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(512, 384)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(384, 512, generator=generator) * 0.05)
+    x = torch.randn(2, 37, 512, generator=generator) * 3
+    assert torch.equal(_Int8Linear(linear, "onednn")(x), _Int8Linear(linear, "int_mm")(x))
+
+
+def test_int8_batched_engine_hears_the_real_recordings_within_a_point_of_float32(
+    pretrained: Pretrained, recordings: list[Recording]  # noqa: F811 (the fixture imported above)
+) -> None:
+    """cpu_dtype int8 through the batched engine on the real recordings (one by one and joined with
+    silences): word error rate at most 1 point over float32's, on the same engine."""
+    transcripts = {}
+    for dtype in ("float32", "int8"):
+        registry = ModelRegistry(pretrained.model_dir, device="cpu", cpu_dtype=dtype)
+        transcripts[dtype] = BatchedEngine(registry).transcribe_many(
+            [(r.audio(), rule(pretrained.base), None) for r in recordings])
+    wer = {dtype: normalized_wer([(r.text, t.text) for r, t in zip(recordings, out, strict=True)])
+           for dtype, out in transcripts.items()}
+    assert wer["int8"] <= wer["float32"] + 0.01, {d: [t.text for t in out] for d, out in transcripts.items()}
