@@ -220,7 +220,7 @@ class Service:
     def _api_server(self, sock: socket.socket) -> Any:
         """Return the HTTP API's server on a bound socket, sharing this process's journal and models."""
         from daemon.http.app import create_app
-        from daemon.http.limits import BodyLimit
+        from daemon.http.limits import BodyLimit, LoopbackHostsOnly, is_loopback_listen
         from daemon.http.metrics import Metrics
         from daemon.http.server import ApiServer
         from daemon.http.tokens import read_tokens
@@ -237,9 +237,11 @@ class Service:
         metrics = Metrics(lambda: self.config, self.journal, self.registry)
         for worker in self.workers:  # the real-time factor of each job, as it is published
             worker.on_published = metrics.job_published
-        app = BodyLimit(create_app(self.api_jobs, tokens=tokens, timeout_s=http.timeout,
-                                   keep_results_s=http.keep_results, metrics=metrics,
-                                   metrics_open=http.metrics_open), http.max_upload)
+        app: Any = BodyLimit(create_app(self.api_jobs, tokens=tokens, timeout_s=http.timeout,
+                                        keep_results_s=http.keep_results, metrics=metrics,
+                                        metrics_open=http.metrics_open), http.max_upload)
+        if tokens is None and is_loopback_listen(http.listen):
+            app = LoopbackHostsOnly(app)  # no token to stop a web page's DNS rebinding: the Host must be ours
         return ApiServer(app, http.listen, sock)
 
     def cancel_job(self, job_id: int) -> bool:

@@ -483,6 +483,29 @@ def test_a_request_does_not_wait_for_a_folder_file_being_transcribed(
     assert daemon.stop() == 0
 
 
+def test_a_loopback_listener_without_tokens_answers_only_loopback_names(tmp_path: Path, checkpoint: Path) -> None:
+    """No tokens_file on 127.0.0.1 (Bazarr on the same host): a request addressed to another name (a
+    web page's DNS rebinding) is 403; 127.0.0.1 and localhost, with their port, are served."""
+    port = free_port()
+    daemon = api_daemon(tmp_path, checkpoint, {"listen": f"127.0.0.1:{port}"}).start()
+
+    def status_for(host: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("GET", "/v1/status", headers={"Host": host})
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    assert status_for(f"rebound.example:{port}") == 403
+    assert status_for("192.168.1.20") == 403
+    assert status_for(f"127.0.0.1:{port}") == 200
+    assert status_for(f"localhost:{port}") == 200
+    assert daemon.stop() == 0
+
+
 def test_a_live_unix_socket_is_not_taken_over_a_stale_one_is(tmp_path: Path, checkpoint: Path) -> None:
     """A socket another process listens on stops the start (exit 1, the reason said); the socket a
     killed process left behind is replaced, with mode 0660."""

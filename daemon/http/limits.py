@@ -1,4 +1,7 @@
-"""A ceiling on request bodies, enforced before FastAPI spools an upload to disk.
+"""Limits applied before a request reaches the app: a ceiling on request bodies, and loopback names
+only on a loopback listener without tokens.
+
+A ceiling on request bodies, enforced before FastAPI spools an upload to disk.
 
 FastAPI (Starlette) writes a multipart upload to a temporary file before any route sees it, so a
 route cannot refuse a body that is too large: this wrapper does, at the ASGI level. A declared
@@ -9,6 +12,7 @@ is cut off at the limit, and whatever the app would answer then is replaced by t
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -75,3 +79,55 @@ class BodyLimit:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})
+
+
+def is_loopback_listen(listen: str) -> bool:
+    """Return True for a host:port listen address on a loopback name or address (not a unix socket)."""
+    if listen.startswith("unix:"):
+        return False
+    return _is_loopback_host(listen.rpartition(":")[0].strip("[]"))
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class LoopbackHostsOnly:
+    """Wraps an ASGI app: requests whose Host header names anything but a loopback name are answered 403.
+
+    For a loopback listener without tokens (Bazarr on the same host): a web page the machine's user
+    opens can make the browser send requests to 127.0.0.1 under a name of its own that it rebinds
+    (DNS rebinding), and would then read the status and queue work. Such requests carry that name as
+    their Host; a local program's carry 127.0.0.1 or localhost.
+    """
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = next((value.decode("latin-1") for key, value in scope["headers"] if key == b"host"), None)
+            if host is not None and not _is_loopback_host(_host_name(host)):
+                body = json.dumps({"detail": "this listener (loopback, no tokens_file) answers only requests "
+                                             "addressed to 127.0.0.1, ::1 or localhost"}).encode()
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """Return the name in a Host header, without its port ([::1]:9000 → ::1)."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
