@@ -252,16 +252,7 @@ class ApiJobs:
 
     def discard(self, stem: str, dirs: tuple[Path, ...] | None = None) -> None:
         """Remove the upload's files: the original if still there, its outputs, a failed copy and its error file."""
-        folder = self.folder
-        for path in dirs or (folder.inbox, folder.outbox, folder.failed):
-            try:
-                entries = list(os.scandir(path))
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                if entry.name.startswith(stem + ".") and entry.is_file(follow_symlinks=False):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+        sweep_area(self.folder, older_than=None, only=lambda name: name.startswith(stem + "."), dirs=dirs)
 
     def _remove_taken_original(self, job: Job) -> None:
         """Remove the original a job that waits to retry left in the processing area, and its folder."""
