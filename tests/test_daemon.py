@@ -14,10 +14,11 @@ from pathlib import Path
 import media
 import pytest
 from conftest import DAEMON_OUTPUTS as OUTPUTS
-from conftest import MediaSet
+from conftest import MediaSet, enqueue_file
 from daemon_harness import ROOT, Daemon, drop_file, files_under
 
-from daemon.journal import JobState
+from daemon.journal import JobState, open_journal
+from daemon.worker import CRASH_LIMIT
 
 pytestmark = pytest.mark.slow
 
@@ -356,4 +357,47 @@ def test_files_in_flight_together_share_the_batched_engines_batches(
     assert gathered and max(event["files"] for event in gathered) >= 2, gathered
     assert files_under(daemon.folder("outbox")) == sorted(f"{n}.{ext}" for n in "abc" for ext in OUTPUTS)
     assert files_under(daemon.folder("archive")) == ["a.mp4", "b.mp4", "c.mp4"]
+    assert daemon.stop() == 0
+
+
+def test_a_file_that_crashed_whisperd_before_runs_alone_among_jobs_in_flight(
+    make_daemon: Callable[..., Daemon], media_set: MediaSet
+) -> None:
+    """jobs_in_flight 3: a file during which whisperd died CRASH_LIMIT times gets its last attempt with
+    nothing else in flight (so a death now is its doing): no other file is transcribed between its
+    start and its end; the other files still flow, before or after it."""
+    daemon = make_daemon(jobs_in_flight=3)
+    daemon.data["defaults"] |= {"engine": "batched", "condition_on_previous_text": False}
+    daemon.write_config(daemon.data)
+    inbox = daemon.folder("inbox")
+    # Long enough (a minute of speech) that the other files would be transcribed beside it, ungated.
+    long, _ = media.joined_with_silence(daemon.root / "long.wav", [media_set.speech_wav] * 16, gap_s=1.0)
+    shutil.copy(long, inbox / "poison.wav")
+    journal = open_journal(Path(daemon.data["state_dir"]))
+    try:  # what CRASH_LIMIT deaths while transcribing it, and restarts, leave behind
+        job_id = enqueue_file(journal, inbox / "poison.wav", "poison.wav", now=time.time() - 60)
+        for n in range(CRASH_LIMIT):
+            assert journal.claim(["media"], now=time.time() - 50 + n, owner="gone:1") is not None
+            journal.set_stage(job_id, "transcribe", now=time.time() - 50 + n)
+            journal.recover(lambda owner: True, now=time.time() - 50 + n)
+    finally:
+        journal.close()
+    for name in "abcd":
+        shutil.copy(media_set.speech_mp4, inbox / f".{name}.part")
+        os.rename(inbox / f".{name}.part", inbox / f"{name}.mp4")
+    daemon.start()
+    done = daemon.wait_done(5, timeout=180)
+    assert {job.state for job in done} == {JobState.DONE}, done
+    isolated = daemon.event("isolated_attempt")
+    assert isolated is not None and isolated["file"] == "poison.wav"
+
+    def span(name: str) -> tuple[str, str]:
+        [started] = [e["timestamp"] for e in daemon.events("job_started") if e["file"] == name]
+        [ended] = [e["timestamp"] for e in daemon.events("job_done") if e["file"] == name]
+        return started, ended  # ISO 8601 in UTC, same width: they compare as text
+
+    alone = span("poison.wav")
+    for name in ("a.mp4", "b.mp4", "c.mp4", "d.mp4"):
+        other = span(name)
+        assert other[1] <= alone[0] or other[0] >= alone[1], (name, other, alone)
     assert daemon.stop() == 0
