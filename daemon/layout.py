@@ -144,3 +144,8 @@ def failed_place(folder: Folder, rel_text: str) -> Place:
 def error_file(failed_original: Place) -> Place:
     """Return the error report's place beside a failed original: `<name>.error.txt` (within 255 bytes)."""
     return failed_original.with_name(names.fit(failed_original.name, ERROR_SUFFIX))
+
+
+def work_dir(state_dir: Path, job_id: int) -> Path:
+    """Return where a job keeps its decoded audio while it runs (local disk, removed when it ends)."""
+    return state_dir / "work" / str(job_id)

@@ -223,7 +223,7 @@ class Worker:
                     stem=names.unescape(PurePosixPath(job.rel_path).stem),
                     progress=self._progress_reporter(job),
                     control=self.control,
-                    work_dir=work_dir(config.settings.state_dir, job.id),
+                    work_dir=layout.work_dir(config.settings.state_dir, job.id),
                     on_stage=lambda stage: self.journal.set_stage(job.id, stage, now=self.clock()),
                     name=job.rel_path,  # every event names the file as the job events do
                 )  # fmt: skip
@@ -251,8 +251,8 @@ class Worker:
                     fsutil.unlink(taken.place)
                     fsutil.remove_empty_dirs(taken.place.parent, _area_of(job, taken.place))
                     taken = None
-                self.journal.mark_failed(job.id, "cancelled by its client", "cancel", None,
-                                         now=self.clock(), failure=Failure.CANCELLED)
+                self.journal.mark_cancelled(job.id, "cancelled by its client", now=self.clock(),
+                                            states=(JobState.RUNNING,))
                 bound.info("job_cancelled", reason="cancelled by its client")
             else:
                 self.journal.requeue(job.id, now=self.clock())
@@ -311,7 +311,7 @@ class Worker:
             ended = self.journal.get(job.id)
             if ended is None or ended.state not in JobState.active():
                 # A transcript kept for a retry of the publish is of no use once the job is over.
-                shutil.rmtree(work_dir(config.settings.state_dir, job.id), ignore_errors=True)
+                shutil.rmtree(layout.work_dir(config.settings.state_dir, job.id), ignore_errors=True)
 
     def _postponed_by_environment(self, config: Config, job: Job, err: Exception) -> bool:
         """Return True when the environment explains a failure (the folder is now paused): the job then
@@ -619,11 +619,6 @@ class _Refused(Exception):
         super().__init__(why)
         self.place = place
         self.why = why
-
-
-def work_dir(state_dir: Path, job_id: int) -> Path:
-    """Return where a job keeps its decoded audio while it runs (local disk, removed when it ends)."""
-    return state_dir / "work" / str(job_id)
 
 
 def ensure_area(folder: Folder, base: Place) -> None:

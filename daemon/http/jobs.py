@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -235,9 +236,13 @@ class ApiJobs:
             if now is None:
                 return None
             if now.state in (JobState.QUEUED, JobState.RETRY_WAIT):
-                if not self.journal.cancel_waiting(job.id, "cancelled by its client", now=time.time()):
+                if not self.journal.mark_cancelled(job.id, "cancelled by its client", now=time.time()):
                     continue  # claimed meanwhile: a worker has it now
-                self._remove_taken_original(now)  # a job waiting to retry keeps it in the processing area
+                # A job waiting to retry keeps its original in the processing area, maybe decoded
+                # audio in its work folder, and outputs it published before a later step failed.
+                self._remove_taken_original(now)
+                shutil.rmtree(layout.work_dir(self.config().settings.state_dir, job.id), ignore_errors=True)
+                self.discard(stem)
                 return self.journal.get(job.id)
             if now.state != JobState.RUNNING:
                 self.discard(stem)  # finished: its results go, and the job is forgotten
@@ -266,7 +271,9 @@ class ApiJobs:
     def drop_failed_uploads(self) -> int:
         """Remove the failed copies of uploads (nobody fetches them: a client reads the reason from the
         journal); return how many. Left for later, junk posted again and again would fill the disk."""
-        return sweep_area(self.folder, older_than=None, dirs=(self.folder.failed,))
+        # Uploads and their error reports only: not the worker's temporary file of a report it is writing.
+        return sweep_area(self.folder, older_than=None, dirs=(self.folder.failed,),
+                          only=lambda name: UPLOAD_NAME.match(name) is not None)
 
     def unready(self) -> str | None:
         """Return why the API cannot take work now (stopping, paused, its model unavailable), or None."""

@@ -1,7 +1,5 @@
-"""Limits applied before a request reaches the app: a ceiling on request bodies, and loopback names
-only on a loopback listener without tokens.
-
-A ceiling on request bodies, enforced before FastAPI spools an upload to disk.
+"""Limits applied before a request reaches the app: a ceiling on request bodies, enforced before
+FastAPI spools an upload to disk, and local callers only on a loopback listener without tokens.
 
 FastAPI (Starlette) writes a multipart upload to a temporary file before any route sees it, so a
 route cannot refuse a body that is too large: this wrapper does, at the ASGI level. A declared
@@ -101,12 +99,13 @@ def _is_loopback_host(host: str) -> bool:
 
 
 class LoopbackHostsOnly:
-    """Wraps an ASGI app: requests whose Host header names anything but a loopback name are answered 403.
+    """Wraps an ASGI app: on a loopback listener without tokens (Bazarr on the same host), answers 403
+    to what a web page in the machine's user's browser could send.
 
-    For a loopback listener without tokens (Bazarr on the same host): a web page the machine's user
-    opens can make the browser send requests to 127.0.0.1 under a name of its own that it rebinds
-    (DNS rebinding), and would then read the status and queue work. Such requests carry that name as
-    their Host; a local program's carry 127.0.0.1 or localhost.
+    A page can post a form straight to 127.0.0.1 (no preflight for multipart: the work would run), or
+    rebind a name of its own to 127.0.0.1 (DNS rebinding) and then read the answers too. The first
+    carries the page's Origin, or Sec-Fetch-Site: cross-site; the second the page's name as its Host.
+    A local program (Bazarr's requests, curl) sends neither, and addresses 127.0.0.1 or localhost.
     """
 
     def __init__(self, app: App) -> None:
@@ -114,16 +113,26 @@ class LoopbackHostsOnly:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            host = next((value.decode("latin-1") for key, value in scope["headers"] if key == b"host"), None)
-            if host is not None and not _is_loopback_host(_host_name(host)):
-                body = json.dumps({"detail": "this listener (loopback, no tokens_file) answers only requests "
-                                             "addressed to 127.0.0.1, ::1 or localhost"}).encode()
+            headers = {key: value.decode("latin-1") for key, value in scope["headers"]
+                       if key in (b"host", b"origin", b"sec-fetch-site")}
+            host, origin = headers.get(b"host"), headers.get(b"origin")
+            if (host is not None and not _is_loopback_host(_host_name(host))) \
+                    or (origin is not None and not _is_loopback_host(_host_name(_origin_host(origin)))) \
+                    or headers.get(b"sec-fetch-site") in ("cross-site", "same-site"):
+                body = json.dumps({"detail": "this listener (loopback, no tokens_file) answers only local "
+                                             "programs addressed to 127.0.0.1, ::1 or localhost, not web "
+                                             "pages"}).encode()
                 await send({"type": "http.response.start", "status": 403,
                             "headers": [(b"content-type", b"application/json"),
                                         (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+
+def _origin_host(origin: str) -> str:
+    """Return the host[:port] of an Origin header (http://localhost:9000 → localhost:9000; null → null)."""
+    return origin.partition("://")[2] or origin
 
 
 def _host_name(host: str) -> str:

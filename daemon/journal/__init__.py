@@ -172,9 +172,13 @@ class Journal(Protocol):
         """Count a failed attempt and end the job as failed; `failure` says why (a daemon.errors.Failure)."""
         ...
 
-    def cancel_waiting(self, job_id: int, reason: str, *, now: float) -> bool:
-        """End a job that waits (queued or waiting to retry) as failed, cancelled; return False when it
-        no longer waits (a worker claimed it meanwhile, or it ended)."""
+    def mark_cancelled(
+        self, job_id: int, reason: str, *, now: float,
+        states: Collection[JobState] = (JobState.QUEUED, JobState.RETRY_WAIT),
+    ) -> bool:
+        """End a job in one of `states` as failed, cancelled by its client (its original is gone, so it
+        is pruned like any finished job); return False when it was in none of them (a worker claimed
+        a waiting one meanwhile, or it ended)."""
         ...
 
     def requeue(self, job_id: int, *, now: float, crashed: bool = False, due: float | None = None) -> None:

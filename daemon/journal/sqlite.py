@@ -349,14 +349,18 @@ class SqliteJournal:
              getattr(failure, "value", failure)),  # a Failure member is stored as its value
         )
 
-    def cancel_waiting(self, job_id: int, reason: str, *, now: float) -> bool:
-        """End a waiting job as cancelled; False when it no longer waits (one statement: no worker's
-        claim can come between the look and the change)."""
+    def mark_cancelled(
+        self, job_id: int, reason: str, *, now: float,
+        states: Collection[JobState] = (JobState.QUEUED, JobState.RETRY_WAIT),
+    ) -> bool:
+        """End a job in one of `states` as cancelled; False when it is in none (one statement: no
+        worker's claim can come between the look and the change)."""
+        marks = ", ".join("?" for _ in states)
         with self._write() as db:
             cursor = db.execute(
                 "UPDATE jobs SET state='failed', last_error=?, last_stage='cancel', finished_at=?, updated_at=?,"
-                " progress=NULL, stays=0, failure='cancelled' WHERE id=? AND state IN ('queued', 'retry_wait')",
-                (reason, now, now, job_id),
+                f" progress=NULL, stays=0, failure='cancelled' WHERE id=? AND state IN ({marks})",
+                (reason, now, now, job_id, *(JobState(s).value for s in states)),
             )
             return cursor.rowcount == 1
 
