@@ -230,3 +230,12 @@ def enqueue_file(journal: Journal, path: Path, rel: str, now: float, folder: str
                           priority=0, now=now, skip_if_done=False)
     assert job is not None
     return job.id
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_api_daemon_outlives_the_session() -> Iterator[None]:
+    """Kill, at the end, the HTTP tests' daemons whose tests failed before stopping them."""
+    yield
+    from http_harness import kill_leftovers  # imported late: http_harness imports this module
+
+    kill_leftovers()

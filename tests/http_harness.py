@@ -86,4 +86,17 @@ def api_daemon(root: Path, checkpoint: Path, http: dict[str, Any]) -> Daemon:
     data["defaults"] |= {**FAST_DECODE, "sample_len": 8, "output_formats": list(DAEMON_OUTPUTS),
                          "retry_base_delay": 0.3, "retry_max_delay": 2}
     Path(data["folders"][0]["inbox"]).mkdir(parents=True, exist_ok=True)
-    return Daemon(root, data)
+    daemon = Daemon(root, data)
+    CREATED.append(daemon)
+    return daemon
+
+
+CREATED: list[Daemon] = []  # every daemon api_daemon made: a test that fails before stopping its own leaves it
+
+
+def kill_leftovers() -> None:
+    """Kill the daemons api_daemon made that still run (their tests failed before stopping them)."""
+    for daemon in CREATED:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
