@@ -54,7 +54,7 @@ INSTANCE_BEAT_S = 5.0  # how often this process tells the journal it is alive (a
 WORKER_STALE_S = 120.0  # a worker without a heartbeat this long is not responding (no beat is recorded)
 CANCEL_WAIT_S = 5.0  # after shutdown_grace, at most this long for the job to reach a safe point
 API_FAILED_SWEEP_S = 5.0  # how often the HTTP API's failed uploads are removed
-API_SWEEP_S = 600.0  # how often the HTTP API's abandoned files are looked for, and how long past its timeout they stay
+API_SWEEP_S = 600.0  # how often, at most, the HTTP API's files are swept (sooner when what is kept is kept briefly)
 PRUNE_EVERY_S = 6 * 3600.0  # finished jobs past the retention are removed this often (and at start)
 IDLE_UNLOAD_CHECK_S = 15.0  # how often idle models are looked for (model_idle_unload)
 MODEL_LOAD_EXTENSION_S = 900  # EXTEND_TIMEOUT_USEC granted per model loaded before READY=1
@@ -190,7 +190,7 @@ class Service:
         if self.api_jobs is not None:
             self.scheduler.add_job(self._drop_failed_uploads, "interval", seconds=API_FAILED_SWEEP_S,
                                    id="api_failed", max_instances=1, coalesce=True)
-            self.scheduler.add_job(self._sweep_api, "interval", seconds=API_SWEEP_S, id="api_sweep",
+            self.scheduler.add_job(self._sweep_api, "interval", seconds=self._api_sweep_every(), id="api_sweep",
                                    max_instances=1, coalesce=True)
         idle_s = self.config.settings.model_idle_unload
         unload_every = min(IDLE_UNLOAD_CHECK_S, max(idle_s / 2, 1.0)) if idle_s > 0 else IDLE_UNLOAD_CHECK_S
@@ -254,12 +254,20 @@ class Service:
             with contextlib.suppress(OSError):
                 self.api_jobs.drop_failed_uploads()
 
+    def _api_sweep_every(self) -> float:
+        """Return how often the API's files are swept: every 10 minutes, or more often for short keeps."""
+        http = self.config.settings.http
+        assert http is not None
+        return min(API_SWEEP_S, max(1.0, min(http.timeout, http.keep_results) / 4))
+
     def _sweep_api(self) -> None:
         """Remove the API's files that no request waits for any more (timed out, or left by a stop)."""
         http = self.config.settings.http
         if self.api_jobs is None or http is None:
             return
-        removed = self.api_jobs.sweep(older_than=time.time() - max(http.timeout, http.keep_results) - API_SWEEP_S)
+        now, margin = time.time(), self._api_sweep_every()
+        removed = self.api_jobs.sweep(requests_before=now - http.timeout - margin,
+                                      results_before=now - http.keep_results - margin)
         if removed:
             log.info("api_files_removed", files=removed, reason="no request waits for them any more")
 

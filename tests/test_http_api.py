@@ -506,6 +506,27 @@ def test_a_loopback_listener_without_tokens_answers_only_loopback_names(tmp_path
     assert daemon.stop() == 0
 
 
+def test_an_async_jobs_results_go_once_keep_results_passed(
+    tmp_path: Path, checkpoint: Path, media_set: MediaSet
+) -> None:
+    """http.keep_results: an async job's results are served while kept, then removed (410), its files
+    gone from the API's folders; its job stays readable in the journal as done."""
+    port = free_port()
+    daemon = api_daemon(tmp_path, checkpoint, {"listen": f"127.0.0.1:{port}", "keep_results": "4s"}).start()
+    client = Client(f"127.0.0.1:{port}")
+    status, body = client.upload("/v1/jobs", media_set.speech_wav)
+    assert status == 202, body
+    job_id = json.loads(body)["id"]
+    done = _wait_async(client, job_id, ("done",))
+    status, _, body = client.request("GET", f"/v1/jobs/{job_id}/result")
+    assert status == 200 and body.strip(), (done, body)
+    daemon.wait_for(lambda: client.request("GET", f"/v1/jobs/{job_id}/result")[0] == 410, 30,
+                    "the results to be removed")
+    assert _api_files(daemon) == []
+    assert _wait_async(client, job_id, ("done",))["expires_at"] == done["expires_at"]
+    assert daemon.stop() == 0
+
+
 def test_a_live_unix_socket_is_not_taken_over_a_stale_one_is(tmp_path: Path, checkpoint: Path) -> None:
     """A socket another process listens on stops the start (exit 1, the reason said); the socket a
     killed process left behind is replaced, with mode 0660."""

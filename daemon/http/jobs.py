@@ -129,13 +129,14 @@ class ApiJobs:
         """Return the API's folder in the running config."""
         return self.config().folders[API_FOLDER]
 
-    def sweep(self, *, older_than: float) -> int:
-        """Remove the API's files last changed before `older_than` (nobody waits for them); return how many.
-
-        An async job's upload stays while its job waits, however long the queue."""
+    def sweep(self, *, requests_before: float, results_before: float) -> int:
+        """Remove the API's files nobody waits for any more; return how many: a request's last changed
+        before `requests_before` (its client gave up long ago), an async job's before `results_before`
+        (http.keep_results passed). An async job's upload stays while its job waits, however long the queue."""
         waiting = {job.rel_path for job in self.journal.jobs(JobState.active()) if job.folder == API_FOLDER}
-        return sweep_area(self.folder, older_than=older_than,
-                          only=lambda name: is_request(name) or name not in waiting)
+        removed = sweep_area(self.folder, older_than=requests_before, only=is_request)
+        return removed + sweep_area(self.folder, older_than=results_before,
+                                    only=lambda name: not is_request(name) and name not in waiting)
 
     def submit(
         self, upload: BinaryIO, suffix: str, ask: Ask, *, raw_pcm: bool = False, asynchronous: bool = False
