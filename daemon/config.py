@@ -330,7 +330,7 @@ class HttpSettings(_Strict):
     max_duration: Optional[Seconds] = Field(None, gt=0, description="uploads lasting longer are answered 422 (e.g. '2h'); null: the max_duration of defaults")
     max_waiting: int = Field(100, ge=0, description="API jobs queued or running at once; a request beyond is answered 503 with Retry-After; 0: no limit")
     reserved_worker: bool = Field(True, description="one more worker that takes API jobs alone, so a request never waits for folder files already being transcribed (it shares the model; the memory of one more file in flight); false: requests wait for a free worker of jobs_in_flight")
-    keep_results: Seconds = Field(3600.0, gt=0, description="how long an async job's (POST /v1/jobs) upload and results are kept after it last changed")
+    keep_results: Seconds = Field(3600.0, gt=0, description="how long an async job's (POST /v1/jobs) results are kept after it ended (GET /v1/jobs/{id}/result, then 410)")
     metrics_open: bool = Field(False, description="true: /metrics answers without a token (for a Prometheus that cannot send one); the status page and every other endpoint still need it")
 
 
