@@ -9,11 +9,15 @@ built from the same checkpoint, as the reference.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import whisper
 from conftest import Pretrained
+from daemon_harness import ROOT
 from test_batched import FIXTURES, Recording, normalized_wer, recordings, rule  # noqa: F401 (a fixture)
 from test_real_speech import JFK, JFK_TEXT, SPEECHBRAIN
 
@@ -103,9 +107,11 @@ def test_the_cpu_dtype_setting_reaches_the_loaded_model(pretrained: Pretrained) 
         registry = ModelRegistry(pretrained.model_dir, device="cpu", cpu_dtype=dtype)
         model = registry.get(str(pretrained.base))
         assert model.encoder.conv1.weight.dtype == expected
-        assert model.decoder.blocks[0].cross_attn.key.weight.dtype == expected
+        key = model.decoder.blocks[0].cross_attn.key
         int8 = type(model.encoder.blocks[0].mlp[0]).__name__ == "_Int8Linear"
         assert int8 == (dtype == "int8")
+        # int8 keeps the int8 projection alone: no float copy of the same weights beside it.
+        assert (key.weight is None and key.int8 is not None) if int8 else key.weight.dtype == expected
 
 
 def test_int8_gives_a_window_the_same_bits_alone_as_in_a_batch(plain: whisper.Whisper) -> None:
@@ -127,6 +133,37 @@ def test_int8_gives_a_window_the_same_bits_alone_as_in_a_batch(plain: whisper.Wh
     assert tokens_alone == tokens_together
     # Close to float32 (not equal): int8 is a choice, like bfloat16.
     assert float((together - reference).norm() / reference.norm()) < 0.15
+
+
+SATURATING_CHECK = """
+import torch
+from daemon.models.cpu import _int8_kernel, _onednn
+kernel = _int8_kernel()
+if kernel is not None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(200, 256, (64, 1280), dtype=torch.uint8, generator=g)  # loud rows
+    w = torch.randint(100, 128, (96, 1280), dtype=torch.int8, generator=g)  # large weights
+    w[::2] = -w[::2]
+    exact = (x.long() - 128) @ w.long().t()
+    if kernel == "onednn":
+        got = _onednn(x, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(96))
+    else:
+        got = torch._int_mm((x.to(torch.int16) - 128).to(torch.int8), w.t())
+    assert torch.equal(got.long(), exact), (kernel, int((got.long() - exact).abs().max()))
+print(kernel)
+"""
+
+
+@pytest.mark.parametrize("isa", ["", "AVX512_CORE", "AVX2"])
+def test_the_int8_kernel_chosen_sums_exactly_or_int8_is_not_used(isa: str) -> None:
+    """On this CPU and on older ones (oneDNN limited to AVX-512 without VNNI, or AVX2: where int8
+    pairs are summed in 16 bits and saturate), the int8 kernel whisperd picks sums loud rows against
+    large weights exactly; where none does, it picks none and int8 is not used."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa} if isa else dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", SATURATING_CHECK], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] in ("onednn", "int_mm", "None")  # after the log lines
 
 
 def test_int8_kernels_agree_bit_for_bit() -> None:

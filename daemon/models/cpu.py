@@ -68,6 +68,10 @@ def optimise_for_cpu(model: Whisper, dtype: str) -> Whisper:
         log.warning("cpu_dtype_slow", cpu_dtype=dtype,
                     reason="this CPU has no AVX-512 BF16 or AMX: bfloat16 is emulated, slower than float32")
     int8 = _int8_kernel() if dtype == "int8" else None
+    if dtype == "int8" and int8 is None:
+        log.warning("cpu_dtype_unavailable", cpu_dtype=dtype, consequence="float32 kernels",
+                    reason="no int8 matrix product on this CPU sums exactly (without VNNI both oneDNN's and "
+                           "torch._int_mm saturate 16-bit pair sums): int8 would change words")
     if int8 is not None:
         if not int8_is_native():
             log.warning("cpu_dtype_slow", cpu_dtype=dtype,
@@ -123,14 +127,20 @@ class _HeadMajor(torch.nn.Module):
     def __init__(self, linear: Any, dtype: torch.dtype, n_head: int, int8: str | None = None) -> None:
         super().__init__()
         self.n_head = n_head
-        self.weight = torch.nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)
-        bias = linear.bias
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.dtype = dtype  # of what it returns
         self.int8 = None if int8 is None else _Int8Linear(linear, int8)
+        # The float weights only where they are used: with int8 they would be kept twice (420 MB for large-v3).
+        self.weight = None if int8 is not None else torch.nn.Parameter(linear.weight.detach().to(dtype),
+                                                                       requires_grad=False)
+        bias = linear.bias if int8 is None else None
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        int8 = self.int8
-        projected = int8(x) if int8 is not None else F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        if self.int8 is not None:
+            projected: torch.Tensor = self.int8(x)
+        else:
+            assert self.weight is not None
+            projected = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         return projected.view(*projected.shape[:2], self.n_head, -1).transpose(1, 2).contiguous()
 
 
@@ -145,20 +155,30 @@ def _quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.addcmul(x.new_tensor(_ROUND), x, scale.reciprocal()).to(torch.uint8), scale
 
 
-def _int8_kernel() -> str:
-    """Return 'onednn' where oneDNN's int8 linear computes exactly (VNNI sums uint8 × int8 in int32
-    without saturating), else 'int_mm' (torch's int8 matmul, exact everywhere, slower)."""
+def _int8_kernel() -> str | None:
+    """Return the int8 matrix product that sums exactly on this CPU: 'onednn' (oneDNN's int8 linear,
+    the faster), else 'int_mm' (torch._int_mm); None when neither does.
+
+    Without VNNI (or AMX) both go through instructions that add pairs of products in 16 bits and
+    saturate: a row of loud activations against large weights then sums wrong, silently. Each is
+    tried once on exactly such rows and kept only if every sum is exact.
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (32, 256), dtype=torch.uint8, generator=generator)
+    w = torch.randint(-127, 128, (64, 256), dtype=torch.int8, generator=generator)
+    x[:, :8], w[:, :8] = 255, 127  # where a 16-bit pair sum would saturate
+    x[:4], w[:4] = 255, 127  # whole rows of it: 127 × 127 × 256 needs all 32 bits
+    exact = (x.long() - 128) @ w.long().t()
     with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randint(0, 256, (32, 256), dtype=torch.uint8, generator=generator)
-        w = torch.randint(-127, 128, (64, 256), dtype=torch.int8, generator=generator)
-        x[:, :8], w[:, :8] = 255, 127  # where a 16-bit pair sum would saturate
         got = _onednn(x, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(64))
-        exact = (x.long() - 128) @ w.long().t()
         if torch.equal(got.long(), exact):
             return "onednn"
-    log.info("cpu_kernel_unavailable", kernel="onednn int8", consequence="int8 layers use torch._int_mm")
-    return "int_mm"
+    log.info("cpu_kernel_unavailable", kernel="onednn int8", reason="missing or inexact on this CPU")
+    with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
+        if torch.equal(torch._int_mm((x.to(torch.int16) - 128).to(torch.int8), w.t()).long(), exact):
+            return "int_mm"
+    log.info("cpu_kernel_unavailable", kernel="torch._int_mm", reason="missing or inexact on this CPU")
+    return None
 
 
 def _onednn(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

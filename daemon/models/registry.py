@@ -137,7 +137,7 @@ class ModelRegistry:
     ) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
-        self.cpu_dtype = cpu_dtype  # float32 or bfloat16, on a CPU (daemon.models.cpu)
+        self.cpu_dtype = cpu_dtype  # float32, bfloat16 or int8, on a CPU (daemon.models.cpu)
         self.catalog = catalog if catalog is not None else download.catalog(mirror)
         self.clock = clock
         self.loads: Counter[tuple[str, str]] = Counter()  # how often each key was loaded from disk
