@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-requests", type=int, default=20000, help="each rps run sends at most this many")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the daemon")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cache", type=Path, default=ROOT / "bench" / "cache")
+    parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache",
+                        help="converted models, made once (default bench/.cache, as compare.py)")
     parser.add_argument("--out", type=Path, help="also write OUT.md and OUT.json")
     args = parser.parse_args(argv)
 
