@@ -102,9 +102,10 @@ def create_app(
                     raise RequestRefused(499, "the client closed the connection")
                 await asyncio.sleep(POLL_S)
         except BaseException:  # a refusal, a hang-up, or the request cancelled (the server stopping)
-            if not jobs.stopping.is_set():  # a stop hands running jobs back itself; a new start drops them
+            if jobs.stopping.is_set():  # a stop hands running jobs back itself; a new start drops them
+                jobs.abandon(stem)
+            else:  # cancel() abandons the upload too
                 await run_in_threadpool(jobs.cancel, job, stem)
-            jobs.abandon(stem)
             raise
         try:
             finished = await run_in_threadpool(jobs.finished, ended, stem)
