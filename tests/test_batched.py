@@ -231,6 +231,58 @@ def test_speech_across_long_silences_is_packed_into_one_window_and_timed_back() 
     assert [len(w.pieces) for w in speech_windows(short_gap, max_gap_s=1.0)] == [1]
 
 
+THREADS_SCRIPT = """
+import json, sys, threading
+from pathlib import Path
+import torch, whisper
+from daemon.config import Rule
+from daemon.models import ModelRegistry
+from daemon.pipeline.batched import BatchedEngine
+from daemon.pipeline.extract import Audio
+from daemon.pipeline.probe import AudioStream
+from daemon.pipeline.vad import speech_windows
+
+jfk, fixture, model_dir, stream = sys.argv[1], sys.argv[2], sys.argv[3], AudioStream(**json.loads(sys.argv[4]))
+registry = ModelRegistry(Path(model_dir), "cpu", torch_threads=2)
+samples = whisper.load_audio(jfk)
+seen = {}
+
+def find_speech():  # a job finding its file's speech, on its own thread, as the daemon's workers do
+    speech_windows(samples)
+    seen["after_vad_same_thread"] = torch.get_num_threads()
+
+def transcribe():  # a later job; a library it used set one thread, as silero-vad's import does
+    torch.set_num_threads(1)
+    rule = Rule.model_validate({"model": fixture, "engine": "batched", "temperature": 0, "beam_size": None,
+                                "condition_on_previous_text": False, "sample_len": 8})
+    model = registry.get(rule.model)
+    model.encoder.register_forward_pre_hook(lambda *_: seen.setdefault("encoder", torch.get_num_threads()))
+    BatchedEngine(registry).transcribe(Audio(samples=samples, offset_s=0.0, stream=stream), rule)
+
+for job in (find_speech, transcribe):
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join()
+print(json.dumps(seen))
+"""
+
+
+def test_the_model_runs_on_the_configured_threads_whatever_a_library_set(tmp_path: Path) -> None:
+    """`torch_threads: 2`: finding speech leaves the thread count alone (importing silero-vad sets 1
+    for the whole process), and the engine takes its threads back from a library that changed them.
+    Run in a fresh interpreter: the import's effect is process-wide and cannot be undone."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    stream = json.dumps(dataclasses.asdict(STREAM))
+    out = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(JFK), str(FIXTURE), str(tmp_path), stream],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == {"after_vad_same_thread": 2, "encoder": 2}
+
+
 def test_the_gatherer_batches_ready_jobs_and_keeps_waiting_ones_beating() -> None:
     """Three jobs asking at once share one batch; a job arriving during a batch waits for the next,
     reporting (its heartbeat) meanwhile, and a cancellation then takes it out of the queue.

@@ -147,11 +147,24 @@ class ModelRegistry:
         self._failures: dict[str, _Failure] = {}
         self._last_used: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
-        if torch_threads:
-            import torch
+        import torch
 
+        if torch_threads:
             # Deliberate: on small CPUs, extra intra-op threads slow small models down.
             torch.set_num_threads(torch_threads)
+        self.torch_threads = torch.get_num_threads()  # as set, or torch's own choice (the cores)
+
+    def claim_threads(self) -> None:
+        """Give the calling thread the configured torch threads before it runs a model.
+
+        Each thread keeps its own OpenMP thread count, taken from the last `set_num_threads` in the
+        process when it first runs torch work; a library that sets its own (silero-vad's import
+        sets 1) would otherwise leave the engine on one core. Cheap: a no-op when nothing changed.
+        """
+        import torch
+
+        if torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
 
     @property
     def fp16(self) -> bool:

@@ -104,6 +104,7 @@ class BatchedEngine:
     def transcribe_many(self, items: Sequence[tuple[Audio, Rule, Progress | None]]) -> list[Transcript]:
         """Return the transcripts of several files, their windows decoded together where the rules allow."""
         with self._lock, device_faults_mapped():
+            self.registry.claim_threads()
             return self._run(items)
 
     # -- the run ------------------------------------------------------------------------------

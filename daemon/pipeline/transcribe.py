@@ -282,6 +282,7 @@ class WhisperEngine:
             options["clip_timestamps"] = clips
         module = sys.modules["whisper.transcribe"]  # the module, not the function of that name
         with self._lock:
+            self.registry.claim_threads()
             saved = module.tqdm, module.log_mel_spectrogram
             module.tqdm = SimpleNamespace(tqdm=_ProgressBar)  # type: ignore[attr-defined]
             module.log_mel_spectrogram = transcribe_patch(mel)  # type: ignore[attr-defined]

@@ -89,10 +89,18 @@ def packed_length(pieces: Sequence[Sequence[float]]) -> float:
 
 
 def weights_path() -> Path:
-    """Return the Silero VAD weights inside the installed `silero-vad` wheel."""
-    import importlib.resources
+    """Return the Silero VAD weights inside the installed `silero-vad` wheel.
 
-    return Path(str(importlib.resources.files("silero_vad") / "data" / "silero_vad_16k.safetensors"))
+    Found without importing the package: importing `silero_vad` runs `torch.set_num_threads(1)`,
+    which would leave the importing thread, and every thread that starts torch work after it, on
+    one core for the rest of the process (the model's encoder included).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("silero-vad is not installed: its wheel carries the VAD weights")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad_16k.safetensors"
 
 
 _model: Any = None
