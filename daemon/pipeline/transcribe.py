@@ -257,6 +257,7 @@ class WhisperEngine:
         """Return the empty transcript of audio that holds nothing but silence (nothing is decoded)."""
         if language is None:  # the outputs still carry a language; detect it as whisper would
             with self._lock:
+                self.registry.claim_threads()
                 language = detect_language(model, mel, start_s=0.0, fp16=self.registry.fp16)
         if progress is not None:
             progress(1.0)
