@@ -172,7 +172,7 @@ class Rule(_Strict):
     logprob_threshold: float | None = Field(-1.0, description="retry a window hotter when its average log-probability is below this; null disables")
     condition_on_previous_text: bool = Field(True, description="feed the previous window's text as a prompt; false resists repetition loops")
     hallucination_silence_threshold: float | None = Field(None, gt=0, description="skip silences longer than this many seconds around a likely hallucination (needs word_timestamps)")
-    engine: Literal["auto", "batched", "sequential"] = Field("auto", description="'batched' decodes 30 s windows cut at pauses (voice activity detection), several files' windows together, greedily and each window on its own; 'sequential' is whisper's transcribe(); 'auto' picks batched when the rule asks for neither beam_size, condition_on_previous_text nor hallucination_silence_threshold")
+    engine: Literal["auto", "batched", "sequential"] = Field("auto", description="'batched' decodes 30 s windows cut at pauses (voice activity detection), several files' windows together, each window on its own (greedy or beam search); 'sequential' is whisper's transcribe(); 'auto' picks batched when the rule asks for neither condition_on_previous_text nor hallucination_silence_threshold")
     skip_silence: Seconds = Field(3.0, description="decode around silences at least this long (below silence_threshold_db), so cues after them start on time and nothing is invented over them; 0 decodes everything")
     silence_threshold_db: float = Field(-60.0, le=0, description="RMS level in dBFS (per 20 ms) below which audio counts as silence for skip_silence")
     max_duration: Optional[Seconds] = Field(None, gt=0, description="refuse files that last longer than this (e.g. '4h'); null: no limit but the 48 h a file that declares no duration is decoded to at most")
@@ -198,12 +198,12 @@ class Rule(_Strict):
         if self.max_words_per_line is not None and self.max_line_width is not None:
             found.append("max_words_per_line and max_line_width cannot be combined (whisper uses one)")
         if self.engine == "batched":
-            sequential_only = [name for name in ("beam_size", "hallucination_silence_threshold")
-                               if getattr(self, name) is not None]
+            sequential_only = (["hallucination_silence_threshold"]
+                               if self.hallucination_silence_threshold is not None else [])
             sequential_only += ["condition_on_previous_text"] if self.condition_on_previous_text else []
             if sequential_only:
-                found.append(f"engine: batched decodes greedily, each window on its own; {', '.join(sequential_only)} "
-                             "need(s) engine: sequential (or set beam_size: null, condition_on_previous_text: false)")
+                found.append(f"engine: batched decodes each window on its own; {', '.join(sequential_only)} "
+                             "need(s) engine: sequential (or set condition_on_previous_text: false)")
         if 0 < self.skip_silence < 1:
             found.append("skip_silence must be 0 (off) or at least 1 second")
         if self.retry_max_delay < self.retry_base_delay:

@@ -136,9 +136,9 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's, else auto)")
     t.add_argument("--threads", type=optional_int, help="torch CPU threads; 0 keeps torch's default")
     t.add_argument("--engine", choices=ENGINES, default=argparse.SUPPRESS,
-                   help="'batched': windows cut at pauses, decoded together (greedy, each window on its own); "
-                   "'sequential': whisper's transcribe(); 'auto' (the default) picks batched only with "
-                   "--beam_size None and --condition_on_previous_text False (whisper's defaults: sequential)")
+                   help="'batched': windows cut at pauses, decoded together (each window on its own, greedy or "
+                   "beam search); 'sequential': whisper's transcribe(); 'auto' (the default) picks batched only "
+                   "with --condition_on_previous_text False (whisper's default, True: sequential)")
     t.add_argument("--clip-timestamps", "--clip_timestamps", type=clip_timestamps, default=(),
                    help="only these stretches, as whisper takes them: start,end,start,end,… in seconds on the "
                    "file's timeline; a missing last end means the end of the file; 0 means all of it")

@@ -218,7 +218,8 @@ def test_every_option_of_every_command_has_help() -> None:
         (["--temperature", "3"], "--temperature: must be at most 1.0, not 3.0"),
         (["--task", "translate", "--model", "turbo"], "turbo model is not trained to translate"),
         (["--engine", "fastest"], "argument --engine: invalid choice: 'fastest'"),
-        (["--engine", "batched", "--beam_size", "5"], "engine: batched decodes greedily"),
+        (["--engine", "batched", "--beam_size", "5"], "engine: batched decodes each window on its own; "
+                                                       "condition_on_previous_text need(s) engine: sequential"),
     ],
 )
 def test_a_mistaken_command_line_exits_2_once_before_any_file(

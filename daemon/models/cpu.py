@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from whisper.model import AudioEncoder, MultiHeadAttention, TextDecoder, Whisper
 
+from daemon.models.attention import GroupedCrossAttention
+
 # Imported only where a model is loaded (the registry): commands that load none never import torch.
 
 log = structlog.get_logger(__name__)
@@ -232,13 +234,13 @@ class _GeluInPlace(torch.nn.Module):
         return out
 
 
-class _CrossAttention(MultiHeadAttention):  # type: ignore[misc]
+class _CrossAttention(GroupedCrossAttention):
     """Cross-attention by matmul, softmax, matmul on head-major keys and values: for one query per
     window, faster than SDPA on a CPU; in the keys' dtype (bfloat16 when they are), the softmax in
-    float32, the output float32."""
+    float32, the output float32. A window's beam candidates share its keys (GroupedCrossAttention)."""
 
-    def qkv_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         head_dim = k.shape[-1]
         # Scaled on q alone: scaling k would copy every key for every token.

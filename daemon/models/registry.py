@@ -258,6 +258,9 @@ class ModelRegistry:
             checkpoint, origin = read_source(source, self.model_dir, catalog=self.catalog,
                                              progress=self._progress(name))
             module = build_model(checkpoint, device=self.device, half=self.fp16)
+            from daemon.models.attention import share_audio_keys
+
+            module = share_audio_keys(module)  # beam search on a batch of windows
             dtype = "float16" if self.fp16 else "float32"
             if self.device == "cpu":
                 from daemon.models.cpu import optimise_for_cpu

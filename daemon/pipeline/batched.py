@@ -5,21 +5,23 @@ previous text as a prompt, and the previous window's last timestamp to know wher
 starts). Here each file's speech is first cut into windows of at most 30 s at pauses (Silero VAD:
 daemon/pipeline/vad.py), and what holds no speech is skipped. The windows of every file given are
 then decoded in batches: one encoder pass for a batch of spectrograms (`model.embed_audio`), then
-whisper's own batched greedy decoding (`whisper.decode` on the encoder output, which it reuses
-rather than encoding again). A window that fails whisper's quality checks (compression ratio,
-average log-probability) is decoded again at the next temperature, in a batch with the others that
-failed, from the same encoder output. Segment and word timestamps are placed on each file's own
+whisper's own decoding on the batch (`decode_batch`: whisper's DecodingTask on the encoder output,
+which it reuses rather than encoding again; greedy, or beam search with each window's candidates
+sharing its audio keys, which whisper 20250625's own batched beam search gets wrong). A window
+that fails whisper's quality checks (compression ratio, average log-probability) is decoded again
+at the next temperature (best-of sampling), in a batch with the others that failed, from the same
+encoder output. Segment and word timestamps are placed on each file's own
 timeline; the no-speech guard applies per window.
 
 Differences from the sequential engine, by design: windows do not see the previous window's text
-(no `condition_on_previous_text`; the initial prompt primes every window), beam search is left to
-the sequential engine (openai-whisper's batched beam search is broken in 20250625), and so is
-`hallucination_silence_threshold`. `Rule.engine: auto` picks this engine when none of those is
-asked for.
+(no `condition_on_previous_text`; the initial prompt primes every window), and
+`hallucination_silence_threshold` is left to the sequential engine. `Rule.engine: auto` picks
+this engine when neither is asked for.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import zlib
 from collections.abc import Sequence
@@ -50,8 +52,7 @@ BATCH_CUDA = 32  # windows per batch on a GPU (fp16 base … large-v3 fit easily
 
 def can_batch(rule: Rule) -> bool:
     """Return True when a rule's decoding can run on the batched engine."""
-    return (rule.beam_size is None and not rule.condition_on_previous_text
-            and rule.hallucination_silence_threshold is None)
+    return not rule.condition_on_previous_text and rule.hallucination_silence_threshold is None
 
 
 def uses_batched(rule: Rule) -> bool:
@@ -219,18 +220,16 @@ class BatchedEngine:
             for item in todo:
                 by_language.setdefault(item.file.language or "en", []).append(item)
             for language, items in by_language.items():
+                # As whisper's transcribe: beams at temperature 0, best-of samples above it.
                 options = whisper.DecodingOptions(
                     task=rule.task, language=language, temperature=temperature,
                     sample_len=rule.sample_len, best_of=rule.best_of if temperature > 0 else None,
+                    beam_size=rule.beam_size if temperature == 0 else None,
                     prompt=rule.initial_prompt, fp16=self.registry.fp16, without_timestamps=False,
                 )  # fmt: skip
-                # whisper 20250625 cannot sample best_of candidates for several windows at once (its
-                # sum_logprobs and the batch's shapes disagree): then each window goes alone.
-                alone = options.best_of is not None and options.best_of > 1
-                for part in ([[item] for item in items] if alone else [items]):
-                    features = torch.stack([item.features for item in part])  # type: ignore[misc]
-                    for item, result in zip(part, whisper.decode(model, features, options), strict=True):
-                        item.result = result
+                features = torch.stack([item.features for item in items])  # type: ignore[misc]
+                for item, result in zip(items, decode_batch(model, features, options), strict=True):
+                    item.result = result
                 self._beat(items)  # a batch with fallbacks can take long: the watchdog hears of each pass
             last = n == len(temperatures) - 1
             todo = [item for item in todo if not last and _needs_fallback(rule, item.result)]
@@ -271,6 +270,63 @@ class BatchedEngine:
             for word in segment.get("words", ()):
                 word["start"], word["end"] = window.span_to_source(word["start"], word["end"])
         item.file.segments.extend(segments)
+
+
+def decode_batch(model: Any, features: torch.Tensor, options: Any) -> list[Any]:
+    """Return whisper's DecodingResult for each window's encoder output in a batch.
+
+    whisper's own `decode`, except that beam search and best-of sampling work on several windows
+    at once (whisper 20250625 breaks there): the candidates of each window share its keys in the
+    model's cross-attention (daemon.models.attention), so the features go in once per window.
+    """
+    import whisper
+
+    if (options.beam_size or options.best_of or 1) == 1:
+        return list(whisper.decode(model, features, options))
+    results: list[Any] = _candidates_task()(model, options).run(features)
+    return results
+
+
+@functools.cache
+def _candidates_task() -> type:
+    """Return whisper's DecodingTask with `run` kept but for the features of the candidates (built on first use:
+    importing whisper is left to where a model is used)."""
+    from whisper.decoding import DecodingResult, DecodingTask, compression_ratio
+
+    class CandidatesDecodingTask(DecodingTask):  # type: ignore[misc]
+        def run(self, mel: torch.Tensor) -> list[DecodingResult]:
+            # whisper 20250625's DecodingTask.run, but for two lines: the audio features are not
+            # repeated for each candidate, and so are not taken back one row in n_group afterwards.
+            import torch
+
+            self.decoder.reset()
+            tokenizer = self.tokenizer
+            n_audio: int = mel.shape[0]
+            audio_features = self._get_audio_features(mel)  # the encoder's output, given
+            tokens = torch.tensor([self.initial_tokens]).repeat(n_audio, 1)
+            languages, _ = self._detect_language(audio_features, tokens)
+            tokens = tokens.repeat_interleave(self.n_group, dim=0).to(audio_features.device)
+            tokens, sum_logprobs, no_speech_probs = self._main_loop(audio_features, tokens)
+            no_speech_probs = no_speech_probs[:: self.n_group]
+            tokens = tokens.reshape(n_audio, self.n_group, -1)
+            sum_logprobs = sum_logprobs.reshape(n_audio, self.n_group)
+            candidates, candidate_logprobs = self.decoder.finalize(tokens, sum_logprobs)
+            candidates = [[t[self.sample_begin : (t == tokenizer.eot).nonzero()[0, 0]] for t in s]
+                          for s in candidates]
+            selected = self.sequence_ranker.rank(candidates, candidate_logprobs)
+            chosen = [t[i].tolist() for i, t in zip(selected, candidates, strict=True)]
+            logprobs = [lp[i] for i, lp in zip(selected, candidate_logprobs, strict=True)]
+            results = []
+            for i, window_tokens in enumerate(chosen):
+                text = tokenizer.decode(window_tokens).strip()
+                results.append(DecodingResult(
+                    audio_features=audio_features[i], language=languages[i], tokens=window_tokens, text=text,
+                    avg_logprob=logprobs[i] / (len(window_tokens) + 1), no_speech_prob=no_speech_probs[i],
+                    temperature=self.options.temperature, compression_ratio=compression_ratio(text),
+                ))  # fmt: skip
+            return results
+
+    return CandidatesDecodingTask
 
 
 def _detect(model: Any, batch: torch.Tensor) -> list[str]:
