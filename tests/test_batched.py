@@ -393,3 +393,34 @@ def test_the_gatherer_batches_ready_jobs_and_keeps_waiting_ones_beating() -> Non
     assert results["a"] == "text of a" and results["late"] == "text of late"
     assert isinstance(results["gone"], JobCancelled)
     assert beats and set(beats) == {0.0}  # it beat while it waited behind the first batch
+
+
+def test_device_turns_go_in_arrival_order_and_pass_between_windows() -> None:
+    """A job holding the device passes its turn only when others wait: they go in the order they
+    asked, and the holder goes on after them; with nobody waiting it goes on at once."""
+    import threading
+    import time
+
+    from daemon.pipeline.turns import DeviceTurns
+
+    turns, order = DeviceTurns(), []
+    with turns.hold():
+        turns.pass_turn()  # nobody waits: no hand-over
+        order.append("long window 1")
+
+        def job(name: str) -> None:
+            with turns.hold():
+                order.append(name)
+
+        waiting = []
+        for name in ("request", "second request"):
+            waiting.append(threading.Thread(target=job, args=(name,)))
+            waiting[-1].start()
+            while turns.waiting() < len(waiting):  # in this order
+                time.sleep(0.001)
+        turns.pass_turn()
+        order.append("long window 2")
+    for thread in waiting:
+        thread.join(5)
+    assert order == ["long window 1", "request", "second request", "long window 2"]
+    assert turns.waiting() == 0

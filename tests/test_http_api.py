@@ -466,15 +466,18 @@ def test_a_request_does_not_wait_for_a_folder_file_being_transcribed(
     tmp_path: Path, checkpoint: Path, media_set: MediaSet
 ) -> None:
     """jobs_in_flight 1, a long folder file transcribing: a request is answered while that file still
-    runs (http.reserved_worker), from the same loaded model."""
+    runs (http.reserved_worker, and the file passing the device's turn between windows), from the
+    same loaded model."""
     listen = f"127.0.0.1:{free_port()}"
     daemon = api_daemon(tmp_path, checkpoint, {"listen": listen})
     daemon.data["defaults"]["sample_len"] = 224  # the long file stays in transcription while the test acts
     daemon.write_config(daemon.data)
     daemon.start()
     drop_file(media.tone_wav(tmp_path / "long.wav", seconds=1800), daemon.folder("inbox") / "long.wav")
-    daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.RUNNING]) if j.rel_path == "long.wav"], 60,
-                    "the folder file to run")
+    # Its first windows decoded: the long file holds the model's device (it passes its turn between windows).
+    daemon.wait_for(lambda: [j for j in daemon.jobs([JobState.RUNNING])
+                             if j.rel_path == "long.wav" and (j.progress or 0) > 0], 60,
+                    "the folder file to be transcribing")
     status, body = Client(listen).upload("/v1/audio/transcriptions", media_set.speech_wav, response_format="text")
     assert status == 200, body
     [running] = [j for j in daemon.jobs([JobState.RUNNING]) if j.rel_path == "long.wav"]

@@ -22,7 +22,6 @@ this engine when neither is asked for.
 from __future__ import annotations
 
 import functools
-import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from daemon.pipeline.transcribe import (
     Word,
     device_faults_mapped,
 )
+from daemon.pipeline.turns import DeviceTurns
 from daemon.pipeline.vad import PACK_GAP_S, Window, speech_windows
 
 if TYPE_CHECKING:
@@ -91,12 +91,12 @@ class BatchedEngine:
     """Transcribes files by batches of windows on the resident models; one run at a time per engine."""
 
     def __init__(
-        self, registry: ModelRegistry, batch_size: int | None = None, lock: threading.Lock | None = None
+        self, registry: ModelRegistry, batch_size: int | None = None, turns: DeviceTurns | None = None
     ) -> None:
         self.registry = registry
         self.batch_size = batch_size or (BATCH_CUDA if registry.device.startswith("cuda") else BATCH_CPU)
-        # One model's work at a time on the device: shared with the sequential engine.
-        self._lock = lock or threading.Lock()
+        # One job's work on the device at a time, a batch per turn: shared with the sequential engine.
+        self._turns = turns or DeviceTurns()
 
     def transcribe(self, audio: Audio, rule: Rule, progress: Progress | None = None) -> Transcript:
         """Return the transcript of one file's audio (its windows still decoded in batches)."""
@@ -104,7 +104,7 @@ class BatchedEngine:
 
     def transcribe_many(self, items: Sequence[tuple[Audio, Rule, Progress | None]]) -> list[Transcript]:
         """Return the transcripts of several files, their windows decoded together where the rules allow."""
-        with self._lock, device_faults_mapped():
+        with self._turns.hold(), device_faults_mapped():
             self.registry.claim_threads()
             return self._run(items)
 
@@ -173,6 +173,8 @@ class BatchedEngine:
                     item.features = item.mel = None  # the batch's tensors are no longer needed
                     item.file.done += 1
                     self._beat([item])
+                self._turns.pass_turn()  # a job waiting for the device goes before the next batch
+                self.registry.claim_threads()
         for f in group:
             f.segments.sort(key=lambda seg: seg["start"])
 

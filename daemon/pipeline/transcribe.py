@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ from daemon.models import ModelRegistry
 from daemon.pipeline.extract import Audio
 from daemon.pipeline.mel import LazyMel, transcribe_patch
 from daemon.pipeline.silence import speech_spans
+from daemon.pipeline.turns import DeviceTurns
 
 STAGE = "transcribe"
 
@@ -182,13 +182,22 @@ def device_faults_mapped() -> Iterator[None]:
 
 
 class _ProgressBar:
-    """Stands in for the tqdm bar inside whisper.transcribe and forwards frames done as a fraction."""
+    """Stands in for the tqdm bar inside whisper.transcribe: forwards frames done as a fraction, and
+    between two windows passes the device's turn to a job waiting for it."""
 
-    current: Progress | None = None
+    # Set by the engine for the next bar: the job's progress, the turn passing, and what puts
+    # whisper's module globals back.
+    pending: tuple[Progress | None, Callable[[], None], Callable[[], None]] | None = None
 
     def __init__(self, total: int = 0, **_: Any) -> None:
         self.total = max(int(total), 1)
         self.done = 0
+        assert _ProgressBar.pending is not None, "made outside WhisperEngine.transcribe"
+        self.progress, self.pass_turn, restore = _ProgressBar.pending
+        _ProgressBar.pending = None
+        # whisper has its spectrogram and its bar by now: its globals go back at once, so another
+        # job may run whisper.transcribe in the turns this one passes.
+        restore()
 
     def __enter__(self) -> _ProgressBar:
         return self
@@ -198,8 +207,9 @@ class _ProgressBar:
 
     def update(self, n: int = 1) -> None:
         self.done += int(n)
-        if _ProgressBar.current is not None:
-            _ProgressBar.current(min(self.done / self.total, 1.0))
+        if self.progress is not None:
+            self.progress(min(self.done / self.total, 1.0))
+        self.pass_turn()
 
 
 def detect_language(model: Any, mel: LazyMel, *, start_s: float, fp16: bool) -> str:
@@ -224,9 +234,9 @@ class WhisperEngine:
         from daemon.pipeline.gather import BatchGatherer
 
         self.registry = registry
-        # One decode at a time: a GPU runs one model's work well, and the progress hook is global.
-        self._lock = threading.Lock()
-        self.batched = BatchedEngine(registry, lock=self._lock)
+        # One job's work on the device at a time, in turns of a window or a batch (both engines).
+        self.turns = DeviceTurns()
+        self.batched = BatchedEngine(registry, turns=self.turns)
         # Jobs running side by side (jobs_in_flight) share the batched engine's batches.
         self.gatherer = BatchGatherer(self.batched.transcribe_many)
 
@@ -256,7 +266,7 @@ class WhisperEngine:
     ) -> Transcript:
         """Return the empty transcript of audio that holds nothing but silence (nothing is decoded)."""
         if language is None:  # the outputs still carry a language; detect it as whisper would
-            with self._lock:
+            with self.turns.hold():
                 self.registry.claim_threads()
                 language = detect_language(model, mel, start_s=0.0, fp16=self.registry.fp16)
         if progress is not None:
@@ -282,12 +292,16 @@ class WhisperEngine:
         if clips:
             options["clip_timestamps"] = clips
         module = sys.modules["whisper.transcribe"]  # the module, not the function of that name
-        with self._lock:
+        with self.turns.hold():
             self.registry.claim_threads()
             saved = module.tqdm, module.log_mel_spectrogram
+
+            def restore() -> None:
+                module.tqdm, module.log_mel_spectrogram = saved  # type: ignore[attr-defined]
+
             module.tqdm = SimpleNamespace(tqdm=_ProgressBar)  # type: ignore[attr-defined]
             module.log_mel_spectrogram = transcribe_patch(mel)  # type: ignore[attr-defined]
-            _ProgressBar.current = progress
+            _ProgressBar.pending = (progress, self.turns.pass_turn, restore)
             try:
                 with device_faults_mapped():
                     if options["language"] is None:
@@ -297,8 +311,8 @@ class WhisperEngine:
                                                               fp16=self.registry.fp16)
                     result = whisper.transcribe(model, audio.samples, **options)
             finally:
-                module.tqdm, module.log_mel_spectrogram = saved  # type: ignore[attr-defined]
-                _ProgressBar.current = None
+                restore()  # whisper failed before making its bar, if it has not been done
+                _ProgressBar.pending = None
         if progress is not None:
             progress(1.0)
         segments = tuple(_segment(raw, audio.offset_s) for raw in result["segments"])

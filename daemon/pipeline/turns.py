@@ -1,0 +1,72 @@
+"""The model's device, shared by the jobs in flight: one job's work at a time, in turns.
+
+A job holds the device for a turn, and between two windows (the sequential engine) or two batches
+of windows (the batched engine) passes it on when another job is waiting, queueing again behind
+it. So a request to the HTTP API is answered after at most one window of a long folder file, not
+after the whole file, and jobs in flight share the device window by window. Turns are taken in
+arrival order (tickets): nobody waits forever, and with nobody waiting a turn costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+
+class DeviceTurns:
+    """One holder at a time; `pass_turn` hands the device to the jobs waiting, then takes it back."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next_ticket = 0  # the ticket the next job to ask gets
+        self._serving = 0  # the ticket that holds the device
+        self._abandoned: set[int] = set()  # tickets whose jobs stopped waiting (interrupted)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the device for the block, after the jobs that asked before."""
+        self._take()
+        try:
+            yield
+        finally:
+            self._give()
+
+    def pass_turn(self) -> None:
+        """Between two windows: let the jobs waiting now go first, then go on (at once if none waits)."""
+        with self._cond:
+            if self._next_ticket - self._serving - len(self._abandoned) <= 1:
+                return
+        self._give()
+        self._take()
+
+    def waiting(self) -> int:
+        """Return how many jobs wait for the device."""
+        with self._cond:
+            return max(self._next_ticket - self._serving - len(self._abandoned) - 1, 0)
+
+    def _take(self) -> None:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            try:
+                while self._serving != ticket:
+                    self._cond.wait()
+            except BaseException:
+                # Interrupted while waiting: the turn must not be lost to everyone behind it.
+                if self._serving == ticket:
+                    self._advance()
+                else:
+                    self._abandoned.add(ticket)
+                raise
+
+    def _give(self) -> None:
+        with self._cond:
+            self._advance()
+
+    def _advance(self) -> None:
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.remove(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
