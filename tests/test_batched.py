@@ -107,8 +107,8 @@ def test_batched_word_error_rate_stays_within_a_point_of_whisper_sequential_deco
     """On the real recordings, batched greedy windows against whisperd's default sequential decoding
     (beam search, conditioned on the previous text): at most 1 point of word error rate worse."""
     engine = WhisperEngine(base_registry)
-    sequential_rule = Rule.model_validate({"model": str(pretrained.base)})  # whisperd's defaults
-    assert not uses_batched(sequential_rule)
+    # whisperd's defaults, on the sequential engine (`auto` would take these short files batched)
+    sequential_rule = Rule.model_validate({"model": str(pretrained.base), "engine": "sequential"})
     sequential = [engine.transcribe(r.audio(), sequential_rule) for r in recordings]
     batched = engine.batched.transcribe_many([(r.audio(), rule(pretrained.base), None) for r in recordings])
     sequential_wer = normalized_wer([(r.text, t.text) for r, t in zip(recordings, sequential, strict=True)])
@@ -178,9 +178,13 @@ def test_silence_alone_is_not_decoded_and_gives_no_text(
 
 
 def test_auto_picks_the_batched_engine_only_where_its_decoding_matches_the_rule() -> None:
-    """Conditioning on the previous text and the hallucination-silence guard stay sequential; greedy
-    decoding and beam search on independent windows are the batched engine's."""
+    """Conditioning on the previous text (past one window) and the hallucination-silence guard stay
+    sequential; greedy decoding and beam search on independent windows are the batched engine's."""
     assert not uses_batched(Rule())  # whisperd's defaults: beam search, conditioned
+    # ... except for a file no longer than one window: no previous window's text to condition on.
+    assert uses_batched(Rule(), 30.0) and not uses_batched(Rule(), 30.5)
+    assert not uses_batched(Rule(engine="sequential"), 10.0)
+    assert not uses_batched(Rule(word_timestamps=True, hallucination_silence_threshold=2.0), 10.0)
     for beams in (None, 5):
         independent = Rule(beam_size=beams, condition_on_previous_text=False)
         assert can_batch(independent) and uses_batched(independent)
@@ -344,6 +348,21 @@ def test_the_model_runs_on_the_configured_threads_whatever_a_library_set(tmp_pat
                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.splitlines()[-1]) == {"after_vad_same_thread": 2, "encoder": 2}
+
+
+def test_a_window_reaches_the_files_ends_across_short_silences_only() -> None:
+    """Speech with 1.5 s of silence before and after: one window from the first sample to the last,
+    as whisper would decode the file. After 5 s of silence (over skip_silence's 3 s) the window
+    starts at the speech instead, as the sequential engine skips such a silence."""
+    from daemon.pipeline.vad import speech_windows
+
+    rate = whisper.audio.SAMPLE_RATE
+    voice = whisper.load_audio(str(JFK))[: 3 * rate]
+    short, long_ = np.zeros(int(1.5 * rate), dtype=np.float32), np.zeros(5 * rate, dtype=np.float32)
+    [window] = speech_windows(np.concatenate([short, voice, short]), max_gap_s=3.0)
+    assert window.pieces == ((0.0, 6.0),)
+    [window] = speech_windows(np.concatenate([long_, voice, long_]), max_gap_s=3.0)
+    assert 4.5 < window.start < 5.5 and 7.0 < window.end < 8.5, window  # not 0 and 13
 
 
 def test_the_gatherer_batches_ready_jobs_and_keeps_waiting_ones_beating() -> None:

@@ -16,7 +16,7 @@ timeline; the no-speech guard applies per window.
 Differences from the sequential engine, by design: windows do not see the previous window's text
 (no `condition_on_previous_text`; the initial prompt primes every window), and
 `hallucination_silence_threshold` is left to the sequential engine. `Rule.engine: auto` picks
-this engine when neither is asked for.
+this engine when neither is asked for, and for files no longer than one window (`uses_batched`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 FRAMES_PER_SECOND = 100
 BATCH_CPU = 8  # windows per batch on a CPU (the decoder's per-token work amortises; memory is small)
 BATCH_CUDA = 32  # windows per batch on a GPU (fp16 base … large-v3 fit easily at 30 s each)
+ONE_WINDOW_S = 30.0  # whisper's window: a file this short has no previous window to condition on
 
 
 def can_batch(rule: Rule) -> bool:
@@ -55,9 +56,22 @@ def can_batch(rule: Rule) -> bool:
     return not rule.condition_on_previous_text and rule.hallucination_silence_threshold is None
 
 
-def uses_batched(rule: Rule) -> bool:
-    """Return True when a rule is decoded by the batched engine (`engine: auto` decides by can_batch)."""
-    return rule.engine == "batched" or (rule.engine == "auto" and can_batch(rule))
+def uses_batched(rule: Rule, duration_s: float | None = None) -> bool:
+    """Return True when a file (lasting `duration_s`, where known) is decoded by the batched engine.
+
+    `engine: auto` picks it wherever its quality holds: for rules that need nothing from the
+    previous window (can_batch), and, whatever the rule, for a file no longer than one window,
+    where there is no previous window's text to condition on. Measured on the bench's short files
+    with whisperd's default decoding (5 beams): 90 word errors batched against 93 sequential, and
+    1.55x faster with cpu_dtype int8. On a 3-minute file conditioning on the previous text was
+    3 points better, so longer files stay sequential under conditioned rules.
+    """
+    if rule.engine != "auto":
+        return rule.engine == "batched"
+    if can_batch(rule):
+        return True
+    one_window = duration_s is not None and duration_s <= ONE_WINDOW_S
+    return one_window and rule.hallucination_silence_threshold is None
 
 
 @dataclass

@@ -280,7 +280,7 @@ class WhisperEngine:
 
         from daemon.pipeline.batched import uses_batched
 
-        if uses_batched(rule):
+        if uses_batched(rule, audio.duration_s):
             return self.gatherer.transcribe(audio, rule, progress)
         model = self.registry.get(rule.model)
         options = decode_options(rule, audio, fp16=self.registry.fp16)

@@ -226,6 +226,34 @@ def speech_windows(
             close()
         current.append([start, end])
     close()
+    return _reach_the_ends(windows, duration, window_s, max_gap_s)
+
+
+def _reach_the_ends(windows: list[Window], duration: float, window_s: float, max_gap_s: float | None) -> list[Window]:
+    """Return the windows with the first starting at the audio's start and the last ending at its end,
+    where the silence there is shorter than `max_gap_s` and the window stays within `window_s`.
+
+    Decoded as whisper decodes it, from the file's first sample: a short file is then one window
+    exactly as the sequential engine sees it. Cut tight at the speech, the model heard some words
+    differently: on the bench's 20 espeak-ng passages (greedy, float32) 99 word errors against
+    whisper's 94, and the same 94 with the ends reached; espeak-ng French lost "votre attention".
+    """
+    if not windows:
+        return windows
+
+    def fits(pieces: list[list[float]]) -> bool:
+        return packed_length(pieces) <= window_s
+
+    first = [list(p) for p in windows[0].pieces]
+    if first[0][0] > 0.0 and (max_gap_s is None or first[0][0] < max_gap_s):
+        widened = [[0.0, first[0][1]], *first[1:]]
+        if fits(widened):
+            windows[0] = Window(tuple((a, b) for a, b in widened))
+    last = [list(p) for p in windows[-1].pieces]
+    if last[-1][1] < duration and (max_gap_s is None or duration - last[-1][1] < max_gap_s):
+        widened = [*last[:-1], [last[-1][0], round(duration, 3)]]
+        if fits(widened):
+            windows[-1] = Window(tuple((a, b) for a, b in widened))
     return windows
 
 
