@@ -223,8 +223,7 @@ def test_beam_search_on_a_batch_gives_each_window_whispers_own_beams(
 
 def test_beam_search_on_a_batch_with_whispers_own_modules(tmp_path: Path) -> None:
     """The path a GPU takes (whisper's own attention, no CPU kernels), run here on the trained test
-    model: the grouped cross-attention gives each window's beams what whisper gives it alone, and
-    the engine's windows decode the same in a batch as one at a time."""
+    model: the grouped cross-attention gives each window's beams what whisper gives it alone."""
     import torch
 
     from daemon.models.attention import share_audio_keys
