@@ -155,7 +155,8 @@ class ModelRegistry:
         self.torch_threads = torch.get_num_threads()  # as set, or torch's own choice (the cores)
 
     def claim_threads(self) -> None:
-        """Give the calling thread the configured torch threads before it runs a model.
+        """Give the calling thread the configured torch threads before it runs a model (the engines'
+        DeviceTurns call it whenever a job gets the device).
 
         Each thread keeps its own OpenMP thread count, taken from the last `set_num_threads` in the
         process when it first runs torch work; a library that sets its own (silero-vad's import

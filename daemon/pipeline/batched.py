@@ -111,7 +111,7 @@ class BatchedEngine:
         self.registry = registry
         self.batch_size = batch_size or (BATCH_CUDA if registry.device.startswith("cuda") else BATCH_CPU)
         # One job's work on the device at a time, a batch per turn: shared with the sequential engine.
-        self._turns = turns or DeviceTurns()
+        self._turns = turns or DeviceTurns(on_take=registry.claim_threads)
 
     def transcribe(self, audio: Audio, rule: Rule, progress: Progress | None = None) -> Transcript:
         """Return the transcript of one file's audio (its windows still decoded in batches)."""
@@ -120,7 +120,6 @@ class BatchedEngine:
     def transcribe_many(self, items: Sequence[tuple[Audio, Rule, Progress | None]]) -> list[Transcript]:
         """Return the transcripts of several files, their windows decoded together where the rules allow."""
         with self._turns.hold(), device_faults_mapped():
-            self.registry.claim_threads()
             return self._run(items)
 
     # -- the run ------------------------------------------------------------------------------
@@ -189,7 +188,6 @@ class BatchedEngine:
                     item.file.done += 1
                     self._beat([item])
                 self._turns.pass_turn()  # a job waiting for the device goes before the next batch
-                self.registry.claim_threads()
         for f in group:
             f.segments.sort(key=lambda seg: seg["start"])
 

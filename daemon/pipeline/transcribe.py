@@ -235,7 +235,7 @@ class WhisperEngine:
 
         self.registry = registry
         # One job's work on the device at a time, in turns of a window or a batch (both engines).
-        self.turns = DeviceTurns()
+        self.turns = DeviceTurns(on_take=registry.claim_threads)
         self.batched = BatchedEngine(registry, turns=self.turns)
         # Jobs running side by side (jobs_in_flight) share the batched engine's batches.
         self.gatherer = BatchGatherer(self.batched.transcribe_many)
@@ -267,7 +267,6 @@ class WhisperEngine:
         """Return the empty transcript of audio that holds nothing but silence (nothing is decoded)."""
         if language is None:  # the outputs still carry a language; detect it as whisper would
             with self.turns.hold():
-                self.registry.claim_threads()
                 language = detect_language(model, mel, start_s=0.0, fp16=self.registry.fp16)
         if progress is not None:
             progress(1.0)
@@ -293,7 +292,6 @@ class WhisperEngine:
             options["clip_timestamps"] = clips
         module = sys.modules["whisper.transcribe"]  # the module, not the function of that name
         with self.turns.hold():
-            self.registry.claim_threads()
             saved = module.tqdm, module.log_mel_spectrogram
 
             def restore() -> None:

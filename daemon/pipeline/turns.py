@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class DeviceTurns:
-    """One holder at a time; `pass_turn` hands the device to the jobs waiting, then takes it back."""
+    """One holder at a time; `pass_turn` hands the device to the jobs waiting, then takes it back.
 
-    def __init__(self) -> None:
+    `on_take` runs in the job's thread each time it gets the device (the registry's torch threads).
+    """
+
+    def __init__(self, on_take: Callable[[], None] = lambda: None) -> None:
+        self._on_take = on_take
         self._cond = threading.Condition()
         self._next_ticket = 0  # the ticket the next job to ask gets
         self._serving = 0  # the ticket that holds the device
@@ -59,6 +63,11 @@ class DeviceTurns:
                 else:
                     self._abandoned.add(ticket)
                 raise
+        try:
+            self._on_take()
+        except BaseException:
+            self._give()
+            raise
 
     def _give(self) -> None:
         with self._cond:
