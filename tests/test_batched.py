@@ -243,6 +243,84 @@ def test_beam_search_on_a_batch_with_whispers_own_modules(tmp_path: Path) -> Non
     assert all(ENGLISH.lower().rstrip("?") in r.text.lower() for r in together), [r.text for r in together]
 
 
+def test_the_decoder_on_preallocated_caches_gives_whispers_own_tokens(tmp_path: Path) -> None:
+    """The token steps a GPU replays as CUDA graphs (caches allocated once, written in place; run
+    eagerly here) give whisper's own tokens and log-probabilities: on the trained test model greedy
+    with and without timestamps, 3 beams, best-of sampling and a prompt; on random weights that never
+    end, 200 tokens greedy and 60 with 4 beams (positions deep into the cache, beams reordering it)."""
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+
+    from daemon.models.attention import share_audio_keys
+    from daemon.pipeline.batched import decode_batch
+
+    trained = share_audio_keys(whisper.load_model(str(FIXTURE), device="cpu"))
+    phrases = [media.speech_wav(tmp_path / f"p{n}.wav", ENGLISH, voice=voice)
+               for n, voice in enumerate((EN_VOICE, "en-us+f3", "en+m3"))]
+    mels = torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(whisper.load_audio(str(p))),
+                                                    trained.dims.n_mels) for p in phrases])
+    torch.manual_seed(0)
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=128, n_audio_head=2, n_audio_layer=1,
+                           n_vocab=51865, n_text_ctx=448, n_text_state=128, n_text_head=2, n_text_layer=3)
+    noise = share_audio_keys(Whisper(dims).eval())
+    for name, parameter in noise.named_parameters():
+        parameter.data.normal_(0, 0.05).add_(1.0 if name.endswith("ln.weight") else 0.0)
+    endless = f"-1,{whisper.tokenizer.get_tokenizer(True).eot}"
+    cases = [
+        (trained, mels, {}), (trained, mels, {"without_timestamps": True}),
+        (trained, mels, {"beam_size": 3, "sample_len": 24}),
+        (trained, mels, {"temperature": 0.5, "best_of": 3, "sample_len": 30}),
+        (trained, mels, {"prompt": "Where is the station? " * 8}),
+        (noise, torch.randn(3, 80, 3000), {"suppress_tokens": endless, "sample_len": 200}),
+        (noise, torch.randn(3, 80, 3000), {"suppress_tokens": endless, "sample_len": 60, "beam_size": 4}),
+    ]
+    with torch.inference_mode():
+        for model, batch, overrides in cases:
+            options = whisper.DecodingOptions(language="en", fp16=False, **overrides)
+            features = model.embed_audio(batch)
+            torch.manual_seed(1)
+            own = decode_batch(model, features, options, static_cache=False)
+            torch.manual_seed(1)
+            static = decode_batch(model, features, options, static_cache=True)
+            assert [r.tokens for r in static] == [r.tokens for r in own], overrides
+            assert [r.avg_logprob for r in static] == pytest.approx([r.avg_logprob for r in own], abs=1e-5)
+            assert [r.no_speech_prob for r in static] == pytest.approx([r.no_speech_prob for r in own], abs=1e-6)
+            if model is noise:
+                assert [len(r.tokens) for r in static] == [overrides["sample_len"]] * 3  # the whole budget
+            elif "prompt" not in overrides:  # (the test model, trained without prompts, says nothing after one)
+                assert all(ENGLISH.lower().rstrip("?") in r.text.lower() for r in static), (overrides, static)
+
+
+def test_timestamp_rules_on_the_whole_batch_mask_what_whispers_mask_row_by_row() -> None:
+    """The timestamp rules applied to a batch at once (no read-back per row) leave exactly the logits
+    whisper's `ApplyTimestampRules` leaves: at the first token, after text, after one timestamp, after
+    a pair, with timestamps out of order, and where the timestamps' total probability wins."""
+    import torch
+    from whisper.decoding import ApplyTimestampRules
+    from whisper.tokenizer import get_tokenizer
+
+    from daemon.models.graphed_decoder import timestamp_rules
+
+    tokenizer = get_tokenizer(True, language="en", task="transcribe")
+    begin, start = tokenizer.timestamp_begin, list(tokenizer.sot_sequence)
+    generator = torch.Generator().manual_seed(0)
+    histories = [
+        [], [440], [begin + 10], [440, begin + 12], [begin + 3, 440, begin + 9], [begin + 3, 440, begin + 9, begin + 9],
+        [begin + 20, 300, begin + 5], [300, 301, 302], [begin + 1, 300, begin + 4, begin + 4, 500],
+    ]  # fmt: skip
+    for count in sorted({len(h) for h in histories}):
+        rows = [h for h in histories if len(h) == count]
+        tokens = torch.tensor([start + h for h in rows] * 3)
+        logits = torch.randn(len(tokens), tokenizer.encoding.n_vocab, generator=generator) * 4
+        logits[len(rows) :, begin:] += 6.0  # some rows where the timestamps together outweigh any text token
+        for max_initial in (None, 50):
+            own, batch = logits.clone(), logits.clone()
+            ApplyTimestampRules(tokenizer, len(start), max_initial).apply(own, tokens)
+            timestamp_rules(tokenizer, len(start), max_initial).apply(batch, tokens)
+            assert torch.equal(own, batch), (rows, max_initial)
+            assert torch.isinf(own).any(dim=1).all()  # every row had something masked: the rules ran
+
+
 def test_the_engine_decodes_beam_rules_in_batches_as_one_window_at_a_time(
     base_registry: ModelRegistry, pretrained: Pretrained, recordings: list[Recording]
 ) -> None:

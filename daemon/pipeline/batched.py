@@ -126,8 +126,9 @@ class BatchedEngine:
 
     def _run(self, items: Sequence[tuple[Audio, Rule, Progress | None]]) -> list[Transcript]:
         files = []
+        models = {}
         for audio, rule, progress in items:
-            model = self.registry.get(rule.model)
+            model = models[rule.model] = self.registry.get(rule.model)
             # Windows cut at pauses; what holds no speech is never decoded (whisper would invent
             # a word or two over it, whatever its no-speech guard says).
             windows = speech_windows(audio.samples, max_gap_s=rule.skip_silence or None)
@@ -136,8 +137,14 @@ class BatchedEngine:
         groups: dict[tuple[Any, ...], list[_File]] = {}
         for f in files:
             groups.setdefault(self._group_key(f.rule), []).append(f)
-        for group in groups.values():
-            self._decode_group(group)
+        try:
+            for group in groups.values():
+                self._decode_group(group)
+        finally:
+            from daemon.models.graphed_decoder import release
+
+            for model in models.values():  # the decoder's caches (CUDA) go when the run ends
+                release(model)
         transcripts = []
         for f in files:
             segments = [_segment(i, raw, f.audio.offset_s) for i, raw in enumerate(f.segments)]
@@ -287,28 +294,63 @@ class BatchedEngine:
         item.file.segments.extend(segments)
 
 
-def decode_batch(model: Any, features: torch.Tensor, options: Any) -> list[Any]:
+def decode_batch(model: Any, features: torch.Tensor, options: Any, *, static_cache: bool | None = None) -> list[Any]:
     """Return whisper's DecodingResult for each window's encoder output in a batch.
 
-    whisper's own `decode`, except that beam search and best-of sampling work on several windows
-    at once (whisper 20250625 breaks there): the candidates of each window share its keys in the
-    model's cross-attention (daemon.models.attention), so the features go in once per window.
+    whisper's own `decode`, except that
+    - beam search and best-of sampling work on several windows at once (whisper 20250625 breaks
+      there): the candidates of each window share its keys in the model's cross-attention
+      (daemon.models.attention), so the features go in once per window;
+    - on CUDA the decoder's token steps run on pre-allocated caches, replayed as CUDA graphs
+      (daemon.models.graphed_decoder). `static_cache=True` runs those steps on a CPU too, eagerly
+      (the tests compare them with whisper's); False keeps whisper's own.
     """
-    import whisper
+    if static_cache is None:
+        from daemon.models import graphed_decoder
 
+        static_cache = graphed_decoder.ENABLED and model.device.type == "cuda"
     if (options.beam_size or options.best_of or 1) == 1:
-        return list(whisper.decode(model, features, options))
-    results: list[Any] = _candidates_task()(model, options).run(features)
+        return list(_decoding_task(static_cache)(model, options).run(features))
+    results: list[Any] = _candidates_task(static_cache)(model, options).run(features)
     return results
 
 
 @functools.cache
-def _candidates_task() -> type:
-    """Return whisper's DecodingTask with `run` kept but for the features of the candidates (built on first use:
-    importing whisper is left to where a model is used)."""
-    from whisper.decoding import DecodingResult, DecodingTask, compression_ratio
+def _decoding_task(static_cache: bool) -> type:
+    """Return whisper's DecodingTask, or with `static_cache` one whose token steps run on the static caches
+    and whose timestamp rules apply to the whole batch at once (built on first use: importing whisper
+    is left to where a model is used)."""
+    from whisper.decoding import ApplyTimestampRules, BeamSearchDecoder, DecodingTask
 
-    class CandidatesDecodingTask(DecodingTask):  # type: ignore[misc]
+    if not static_cache:
+        return DecodingTask  # type: ignore[no-any-return]
+
+    class StaticCacheDecodingTask(DecodingTask):  # type: ignore[misc]
+        def __init__(self, model: Any, options: Any) -> None:
+            from daemon.models.graphed_decoder import StaticCacheInference, timestamp_rules
+
+            super().__init__(model, options)
+            start = len(self.initial_tokens)
+            self.inference = StaticCacheInference(model, start, start + self.sample_len,
+                                                  graphs=model.device.type == "cuda")
+            if isinstance(self.decoder, BeamSearchDecoder):
+                self.decoder.inference = self.inference  # beam search reorders the caches it holds
+            # whisper's timestamp rules, applied to the whole batch without a host sync per row
+            filters: list[Any] = self.logit_filters  # type: ignore[has-type]
+            self.logit_filters = [
+                timestamp_rules(f.tokenizer, f.sample_begin, f.max_initial_timestamp_index)
+                if type(f) is ApplyTimestampRules else f for f in filters
+            ]  # fmt: skip
+
+    return StaticCacheDecodingTask
+
+
+@functools.cache
+def _candidates_task(static_cache: bool) -> type:
+    """Return the DecodingTask with `run` kept but for the features of the candidates."""
+    from whisper.decoding import DecodingResult, compression_ratio
+
+    class CandidatesDecodingTask(_decoding_task(static_cache)):  # type: ignore[misc]
         def run(self, mel: torch.Tensor) -> list[DecodingResult]:
             # whisper 20250625's DecodingTask.run, but for two lines: the audio features are not
             # repeated for each candidate, and so are not taken back one row in n_group afterwards.
