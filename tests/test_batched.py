@@ -321,6 +321,41 @@ def test_timestamp_rules_on_the_whole_batch_mask_what_whispers_mask_row_by_row()
             assert torch.isinf(own).any(dim=1).all()  # every row had something masked: the rules ran
 
 
+def test_a_job_finds_its_speech_before_it_waits_for_the_device(
+    registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VAD and the spectrogram's loudest value are CPU work: a job does them in its own thread while
+    another job holds the device (on a GPU they overlap its decoding instead of idling the device),
+    once, and its transcript is the one it would have been."""
+    import threading
+
+    import daemon.pipeline.batched as batched
+
+    calls = []
+    found = threading.Event()
+    real = batched.find_speech
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        calls.append(threading.current_thread().name)
+        found.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batched, "find_speech", watched)
+    audio = Recording(media.speech_wav(tmp_path / "p.wav", ENGLISH, voice=EN_VOICE), ENGLISH).audio()
+    engine = WhisperEngine(registry)
+    done: dict[str, Transcript] = {}
+    job = threading.Thread(target=lambda: done.update(t=engine.transcribe(audio, rule(FIXTURE, language="en"))),
+                           name="job")
+    with engine.turns.hold():  # another job has the device
+        job.start()
+        assert found.wait(20), "the job waited for the device before finding its speech"
+        assert job.is_alive()  # and now it waits for the device
+    job.join(60)
+    assert calls == ["job"]  # found once, ahead; the engine used it instead of finding it again in its turn
+    alone = BatchedEngine(registry).transcribe(audio, rule(FIXTURE, language="en"))
+    assert tokens([done["t"]]) == tokens([alone]) and ENGLISH.lower().rstrip("?") in alone.text.lower()
+
+
 def test_the_engine_decodes_beam_rules_in_batches_as_one_window_at_a_time(
     base_registry: ModelRegistry, pretrained: Pretrained, recordings: list[Recording]
 ) -> None:

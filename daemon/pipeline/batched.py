@@ -51,6 +51,29 @@ BATCH_CUDA = 32  # windows per batch on a GPU (fp16 base … large-v3 fit easily
 ONE_WINDOW_S = 30.0  # whisper's window: a file this short has no previous window to condition on
 
 
+@dataclass(frozen=True)
+class Speech:
+    """Where a file's speech is, as the batched engine decodes it: found on the CPU before the job
+    waits for the device, so that work overlaps other jobs' decoding instead of holding the device."""
+
+    key: tuple[float | None, int]  # what it was found for: the rule's skip_silence, the model's mel bands
+    windows: tuple[Window, ...]  # the windows to decode (what holds no speech is never decoded)
+    loudest: float  # the spectrogram's loudest value, which whisper floors every frame against
+
+    @staticmethod
+    def key_for(rule: Rule, n_mels: int) -> tuple[float | None, int]:
+        return (rule.skip_silence or None, n_mels)
+
+
+def find_speech(audio: Audio, rule: Rule, n_mels: int) -> Speech:
+    """Return where the speech is: windows cut at pauses (whisper would invent a word or two over what
+    holds none, whatever its no-speech guard says) and the spectrogram's loudest value (a pass over
+    the whole file)."""
+    key = Speech.key_for(rule, n_mels)
+    windows = speech_windows(audio.samples, max_gap_s=key[0])
+    return Speech(key, tuple(windows), LazyMel(audio.samples, n_mels).global_max())
+
+
 def can_batch(rule: Rule) -> bool:
     """Return True when a rule's decoding can run on the batched engine."""
     return not rule.condition_on_previous_text and rule.hallucination_silence_threshold is None
@@ -129,10 +152,11 @@ class BatchedEngine:
         models = {}
         for audio, rule, progress in items:
             model = models[rule.model] = self.registry.get(rule.model)
-            # Windows cut at pauses; what holds no speech is never decoded (whisper would invent
-            # a word or two over it, whatever its no-speech guard says).
-            windows = speech_windows(audio.samples, max_gap_s=rule.skip_silence or None)
-            files.append(_File(audio, rule, LazyMel(audio.samples, model.dims.n_mels), windows, progress))
+            speech = audio.speech
+            if speech is None or speech.key != Speech.key_for(rule, model.dims.n_mels):
+                speech = find_speech(audio, rule, model.dims.n_mels)  # not found ahead: here, in the turn
+            mel = LazyMel(audio.samples, model.dims.n_mels, loudest=speech.loudest)
+            files.append(_File(audio, rule, mel, list(speech.windows), progress))
         # Windows of files with the same model and decoding options go into the same batches.
         groups: dict[tuple[Any, ...], list[_File]] = {}
         for f in files:

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,9 @@ from daemon.errors import MediaError, TooLong
 from daemon.pipeline.probe import AudioStream, MediaInfo
 from daemon.pipeline.source import Source
 from daemon.pipeline.tools import TOOL_LIMITS, input_args, run_on_file
+
+if TYPE_CHECKING:
+    from daemon.pipeline.batched import Speech
 
 STAGE = "extract"
 SAMPLE_RATE = 16000  # what whisper's feature extractor expects
@@ -87,6 +90,7 @@ class Audio:
     offset_s: float  # where the first sample lies on the container's timeline
     stream: AudioStream
     warning: str | None = None  # e.g. the decoded audio is much shorter than the file declares
+    speech: Speech | None = None  # where the speech is, found before the batched engine's turn (its own job)
 
     @property
     def duration_s(self) -> float:

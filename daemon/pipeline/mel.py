@@ -39,7 +39,7 @@ class LazyMel:
     samples: Samples  # mono 16 kHz: the extracted audio's file, read a slice at a time
     n_mels: int
     padding: int = PAD
-    _max: float | None = field(default=None, repr=False)
+    loudest: float | None = field(default=None, repr=False)  # global_max, when found ahead (or once here)
     _filters: Any = field(default=None, repr=False)
     _window: Any = field(default=None, repr=False)
 
@@ -65,15 +65,15 @@ class LazyMel:
 
     def global_max(self) -> float:
         """Return the loudest log10 Mel value of the whole padded spectrogram (computed once, streaming)."""
-        if self._max is None:
+        if self.loudest is None:
             frames = self.shape[1]
             loudest = SILENT_LOG if self.padding > 0 else -np.inf
             content = min(frames, -(-len(self.samples) // HOP) + N_FFT // HOP + 1)  # frames that see samples
             for first in range(0, content, CHUNK_FRAMES):
                 block = self.log10_frames(first, min(first + CHUNK_FRAMES, frames))
                 loudest = max(loudest, float(block.max()))
-            self._max = loudest
-        return self._max
+            self.loudest = loudest
+        return self.loudest
 
     def log10_frames(self, start: int, stop: int) -> torch.Tensor:
         """Return log10 of the Mel power of frames [start, stop), before whisper's floor and scaling."""

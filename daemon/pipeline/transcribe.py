@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -277,10 +277,13 @@ class WhisperEngine:
         """Return the transcript of the audio under the rule; GPU out-of-memory is transient."""
         import whisper
 
-        from daemon.pipeline.batched import uses_batched
+        from daemon.pipeline.batched import find_speech, uses_batched
 
         if uses_batched(rule, audio.duration_s):
-            return self.gatherer.transcribe(audio, rule, progress)
+            # Found here, in the job's own thread, before it waits for the device: this CPU work
+            # (VAD, a spectrogram pass) overlaps other jobs' decoding instead of holding the device.
+            speech = find_speech(audio, rule, self.registry.get(rule.model).dims.n_mels)
+            return self.gatherer.transcribe(replace(audio, speech=speech), rule, progress)
         model = self.registry.get(rule.model)
         options = decode_options(rule, audio, fp16=self.registry.fp16)
         # The spectrogram, a window at a time (whisper would compute the whole file's up front).
