@@ -7,6 +7,7 @@ whisper's own sequential decoding, and every time lands on its own file's timeli
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -555,3 +556,88 @@ def test_device_turns_go_in_arrival_order_and_pass_between_windows() -> None:
         thread.join(5)
     assert order == ["long window 1", "request", "second request", "long window 2"]
     assert turns.waiting() == 0
+
+
+def test_a_job_waiting_for_the_device_beats_and_can_be_stopped() -> None:
+    """A job waiting behind a long turn runs its heartbeat every second (the watchdog hears of it);
+    a heartbeat that raises (a shutdown) stops the wait without taking anyone's turn, also while the
+    holder waits to take its turn back after passing it."""
+    import threading
+    import time
+
+    from daemon.errors import JobCancelled
+    from daemon.pipeline.turns import DeviceTurns
+
+    turns = DeviceTurns()
+    beats: list[float] = []
+    inside: list[str] = []
+
+    def job(name: str, heartbeat: Any = None, hold_s: float = 0.0) -> None:
+        with contextlib.suppress(JobCancelled), turns.hold(heartbeat=heartbeat):
+            inside.append(name)
+            time.sleep(hold_s)
+            inside.append(f"{name} done")
+
+    def stopped() -> None:
+        raise JobCancelled("shutdown")
+
+    with turns.hold():  # a long batch
+        waiter = threading.Thread(target=job, args=("waiter", lambda: beats.append(time.monotonic())))
+        quitter = threading.Thread(target=job, args=("quitter", stopped))
+        waiter.start()
+        quitter.start()
+        time.sleep(2.6)
+        assert len(beats) >= 2 and not inside  # beating, still waiting
+        quitter.join(5)
+        assert not quitter.is_alive()  # stopped waiting at its first heartbeat
+    waiter.join(5)
+    assert inside == ["waiter", "waiter done"]  # the quitter's ticket did not hold anyone up
+
+    # The holder passes its turn to a long job, and is stopped while waiting to take it back.
+    inside.clear()
+    holder_stopped = threading.Event()
+
+    def holder() -> None:
+        with contextlib.suppress(JobCancelled), turns.hold(heartbeat=stopped):
+            inside.append("holder")
+            while turns.waiting() == 0:
+                time.sleep(0.001)
+            turns.pass_turn()
+            inside.append("holder again")
+        holder_stopped.set()
+
+    first = threading.Thread(target=holder)
+    first.start()
+    while not inside:
+        time.sleep(0.001)
+    long_job = threading.Thread(target=job, args=("long", None, 2.0))
+    long_job.start()
+    assert holder_stopped.wait(5)
+    after = threading.Thread(target=job, args=("after",))
+    after.start()
+    long_job.join(5)
+    after.join(5)
+    assert inside == ["holder", "long", "long done", "after", "after done"]  # nobody entered during "long"
+
+
+@pytest.mark.parametrize("engine_name", ["sequential", "batched"])
+def test_both_engines_report_a_waiting_job_alive(registry: ModelRegistry, tmp_path: Path, engine_name: str) -> None:
+    """A file waiting for the device behind another job's long turn reports its progress (unchanged)
+    every second, the worker's heartbeat, on either engine; then it is transcribed."""
+    import threading
+    import time
+
+    audio = Recording(media.speech_wav(tmp_path / "p.wav", ENGLISH, voice=EN_VOICE), ENGLISH).audio()
+    engine = WhisperEngine(registry)
+    reports: list[float] = []
+    done: dict[str, Transcript] = {}
+    chosen = rule(FIXTURE, language="en", engine=engine_name, condition_on_previous_text=True,
+                  sample_len=48) if engine_name == "sequential" else rule(FIXTURE, language="en")
+    job = threading.Thread(target=lambda: done.update(t=engine.transcribe(audio, chosen, reports.append)))
+    with engine.turns.hold():  # another job's long turn
+        job.start()
+        time.sleep(2.6)
+        waited = list(reports)
+    job.join(60)
+    assert len(waited) >= 2 and set(waited) == {0.0}, waited
+    assert reports[-1] == 1.0 and ENGLISH.lower().rstrip("?") in done["t"].text.lower()

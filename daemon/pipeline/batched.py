@@ -34,6 +34,7 @@ from daemon.pipeline.extract import Audio
 from daemon.pipeline.mel import LazyMel
 from daemon.pipeline.transcribe import (
     Progress,
+    Reported,
     Segment,
     Transcript,
     Word,
@@ -142,8 +143,15 @@ class BatchedEngine:
 
     def transcribe_many(self, items: Sequence[tuple[Audio, Rule, Progress | None]]) -> list[Transcript]:
         """Return the transcripts of several files, their windows decoded together where the rules allow."""
-        with self._turns.hold(), device_faults_mapped():
-            return self._run(items)
+        reported = [(audio, rule, Reported(progress) if progress else None) for audio, rule, progress in items]
+
+        def heartbeat() -> None:  # waiting for the device: every file's job is still alive (and may be cancelled)
+            for _, _, progress in reported:
+                if progress is not None:
+                    progress.again()
+
+        with self._turns.hold(heartbeat=heartbeat), device_faults_mapped():
+            return self._run(reported)
 
     # -- the run ------------------------------------------------------------------------------
 

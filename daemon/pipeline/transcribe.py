@@ -27,6 +27,22 @@ STAGE = "transcribe"
 Progress = Callable[[float], None]  # fraction of the audio done, 0.0 … 1.0; may raise to cancel
 
 
+class Reported:
+    """A job's progress callback that remembers the fraction it last reported: `again` reports it once
+    more, the job's heartbeat while it waits for the device (its progress neither moves nor resets)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.fraction = 0.0
+
+    def __call__(self, fraction: float) -> None:
+        self.fraction = fraction
+        self.progress(fraction)
+
+    def again(self) -> None:
+        self.progress(self.fraction)
+
+
 @dataclass(frozen=True)
 class Word:
     """One word with its timing (present when word_timestamps is on)."""
@@ -294,7 +310,8 @@ class WhisperEngine:
         if clips:
             options["clip_timestamps"] = clips
         module = sys.modules["whisper.transcribe"]  # the module, not the function of that name
-        with self.turns.hold():
+        reported = Reported(progress) if progress is not None else None
+        with self.turns.hold(heartbeat=reported.again if reported else None):
             saved = module.tqdm, module.log_mel_spectrogram
 
             def restore() -> None:
@@ -302,7 +319,7 @@ class WhisperEngine:
 
             module.tqdm = SimpleNamespace(tqdm=_ProgressBar)  # type: ignore[attr-defined]
             module.log_mel_spectrogram = transcribe_patch(mel)  # type: ignore[attr-defined]
-            _ProgressBar.pending = (progress, self.turns.pass_turn, restore)
+            _ProgressBar.pending = (reported, self.turns.pass_turn, restore)
             try:
                 with device_faults_mapped():
                     if options["language"] is None:
