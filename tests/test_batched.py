@@ -641,3 +641,43 @@ def test_both_engines_report_a_waiting_job_alive(registry: ModelRegistry, tmp_pa
     job.join(60)
     assert len(waited) >= 2 and set(waited) == {0.0}, waited
     assert reports[-1] == 1.0 and ENGLISH.lower().rstrip("?") in done["t"].text.lower()
+
+
+def test_a_gpu_that_cannot_capture_graphs_decodes_the_same_tokens_kernel_by_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If a CUDA graph capture fails (an operation that GPU or torch cannot capture), the decoding
+    goes on with the same steps run eagerly, says so once, and never tries again in this process.
+    The capture is faked (this machine has no GPU): `_replay` raises as a failed capture does."""
+    import torch
+    from structlog.testing import capture_logs
+
+    from daemon.models import graphed_decoder
+    from daemon.models.attention import share_audio_keys
+    from daemon.pipeline.batched import decode_batch
+
+    model = share_audio_keys(whisper.load_model(str(FIXTURE), device="cpu"))
+    tries = []
+
+    def failing_capture(self: Any, rows: int, windows: int) -> Any:  # the fake GPU
+        tries.append(rows)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed_decoder.StaticCacheInference, "_replay", failing_capture)
+    monkeypatch.setattr(graphed_decoder, "_graphs_failed", False)
+    real_init = graphed_decoder.StaticCacheInference.__init__
+
+    def on_gpu(self: Any, *args: Any, graphs: bool) -> None:
+        real_init(self, *args, graphs=True)  # as on CUDA
+
+    monkeypatch.setattr(graphed_decoder.StaticCacheInference, "__init__", on_gpu)
+    options = whisper.DecodingOptions(language="en", fp16=False, sample_len=24)
+    with torch.inference_mode():
+        features = model.embed_audio(torch.zeros(2, model.dims.n_mels, 3000) - 1.0)
+        own = decode_batch(model, features, options, static_cache=False)
+        with capture_logs() as logs:
+            first = decode_batch(model, features, options, static_cache=True)
+            second = decode_batch(model, features, options, static_cache=True)
+    assert [r.tokens for r in first] == [r.tokens for r in second] == [r.tokens for r in own]
+    assert len(tries) == 1  # tried once, then never again
+    assert [e["event"] for e in logs] == ["cuda_graphs_unavailable"]

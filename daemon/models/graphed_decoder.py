@@ -24,9 +24,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+import structlog
 import torch
 import torch.nn.functional as F
 from whisper.model import Whisper
+
+log = structlog.get_logger(__name__)
 
 ENABLED = True  # on CUDA; bench/gpu.py turns it off to measure whisper's own steps beside it
 MAX_GRAPHS = 8  # captured step graphs kept per model (one per number of rows; each holds its own memory)
@@ -51,6 +54,16 @@ class DecoderBuffers:
 
     def fits(self, rows: int, windows: int, length: int, dtype: torch.dtype) -> bool:
         return rows <= self.rows and windows <= self.windows and length <= self.length and dtype == self.dtype
+
+
+_graphs_failed = False  # a capture failed once in this process: every later decoding runs its steps eagerly
+
+
+def _give_up_graphs(err: Exception) -> None:
+    global _graphs_failed
+    _graphs_failed = True
+    log.warning("cuda_graphs_unavailable", error=f"{type(err).__name__}: {err}",
+                consequence="the decoder's token steps run kernel by kernel: slower, the same results")
 
 
 def release(model: Whisper) -> None:
@@ -143,8 +156,15 @@ class StaticCacheInference:
             raise RuntimeError(f"decoder cache of {b.length} tokens is full")
         b.token[:rows].copy_(token)
         b.position.fill_(self.filled)
-        # A graph's output tensor is overwritten by its next replay: the caller gets a copy.
-        logits = self._replay(rows, windows).clone() if self.graphs else self._step(rows, windows)
+        logits = None
+        if self.graphs and not _graphs_failed:
+            try:
+                # A graph's output tensor is overwritten by its next replay: the caller gets a copy.
+                logits = self._replay(rows, windows).clone()
+            except RuntimeError as err:  # a capture this GPU or torch cannot do: the same steps, eagerly
+                _give_up_graphs(err)
+        if logits is None:
+            logits = self._step(rows, windows)
         self.filled += 1
         return logits
 
