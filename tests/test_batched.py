@@ -681,3 +681,38 @@ def test_a_gpu_that_cannot_capture_graphs_decodes_the_same_tokens_kernel_by_kern
     assert [r.tokens for r in first] == [r.tokens for r in second] == [r.tokens for r in own]
     assert len(tries) == 1  # tried once, then never again
     assert [e["event"] for e in logs] == ["cuda_graphs_unavailable"]
+
+
+def test_whispers_transcribe_with_the_static_cache_steps_gives_the_same_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the registry gives every model the static-cache `decode`, so whisper's own
+    `transcribe()` (the sequential engine: windows conditioned on the previous text, beams, the
+    temperature fallback, word times) decodes each window with those steps. Run here eagerly on the
+    trained test model, a 3-sentence file gives the same segments as whisper's own steps."""
+    import functools
+
+    import torch
+
+    from daemon.models import graphed_decoder
+    from daemon.models.attention import share_audio_keys
+
+    phrases = [media.speech_wav(tmp_path / f"p{n}.wav", ENGLISH, voice=voice)
+               for n, voice in enumerate((EN_VOICE, "en-us+f3", "en+m3"))]
+    joined, _ = media.joined_with_silence(tmp_path / "joined.wav", phrases, gap_s=20.0)  # several windows
+    audio = whisper.load_audio(str(joined))
+    own = share_audio_keys(whisper.load_model(str(FIXTURE), device="cpu"))
+    static = share_audio_keys(whisper.load_model(str(FIXTURE), device="cpu"))
+    static.decode = functools.partial(graphed_decoder.decode, static)
+    used = []
+    monkeypatch.setattr(graphed_decoder, "uses_static_cache", lambda model: used.append(model) or True)
+    for options in ({"beam_size": 5}, {"temperature": (0.0, 0.4, 0.8), "sample_len": 40}, {"word_timestamps": True}):
+        torch.manual_seed(0)  # the fallback's sampling (the silent windows fail the checks): the same draws
+        a = whisper.transcribe(own, audio, language="en", fp16=False, **options)
+        torch.manual_seed(0)
+        b = whisper.transcribe(static, audio, language="en", fp16=False, **options)
+        assert [(s["start"], s["end"], s["tokens"]) for s in b["segments"]] == \
+            [(s["start"], s["end"], s["tokens"]) for s in a["segments"]], options
+        assert b["segments"][0].get("words") == a["segments"][0].get("words")
+        assert ENGLISH.lower().rstrip("?") in b["text"].lower()
+    assert used and all(model is static for model in used)  # the static steps did the decoding

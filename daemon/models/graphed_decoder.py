@@ -15,12 +15,17 @@ and start-of-transcript tokens) runs whisper's own causal attention; each later 
 the cache with the positions not yet written masked out. Without CUDA (`graphs=False`) the same
 steps run eagerly: that is how the tests check it against whisper on a CPU.
 
+Both engines use it on CUDA: the batched engine through `decode_batch`, the sequential one because
+the registry gives each CUDA model this module's `decode` (whisper's `transcribe()` calls
+`model.decode` for every window). The caches are freed when an engine's run ends.
+
 Cross-attention keys are kept once per window (the candidates of beam search share them, as in
 `attention.GroupedCrossAttention`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Any
 
@@ -54,6 +59,59 @@ class DecoderBuffers:
 
     def fits(self, rows: int, windows: int, length: int, dtype: torch.dtype) -> bool:
         return rows <= self.rows and windows <= self.windows and length <= self.length and dtype == self.dtype
+
+
+def uses_static_cache(model: Whisper) -> bool:
+    """Return True where the static-cache steps run by default: on CUDA (graphed), unless turned off."""
+    return ENABLED and model.device.type == "cuda"
+
+
+@functools.cache
+def decoding_task(static_cache: bool) -> type:
+    """Return whisper's DecodingTask, or with `static_cache` one whose token steps run on the static caches
+    (graphed on CUDA) and whose timestamp rules apply to the whole batch at once."""
+    from whisper.decoding import ApplyTimestampRules, BeamSearchDecoder, DecodingTask
+
+    if not static_cache:
+        return DecodingTask  # type: ignore[no-any-return]
+
+    class StaticCacheDecodingTask(DecodingTask):  # type: ignore[misc]
+        def __init__(self, model: Whisper, options: Any) -> None:
+            super().__init__(model, options)
+            start = len(self.initial_tokens)
+            self.inference = StaticCacheInference(model, start, start + self.sample_len,
+                                                  graphs=model.device.type == "cuda")
+            if isinstance(self.decoder, BeamSearchDecoder):
+                self.decoder.inference = self.inference  # beam search reorders the caches it holds
+            # whisper's timestamp rules, applied to the whole batch without a host sync per row
+            filters: list[Any] = self.logit_filters  # type: ignore[has-type]
+            self.logit_filters = [
+                timestamp_rules(f.tokenizer, f.sample_begin, f.max_initial_timestamp_index)
+                if type(f) is ApplyTimestampRules else f for f in filters
+            ]  # fmt: skip
+
+    return StaticCacheDecodingTask
+
+
+def decode(model: Whisper, mel: torch.Tensor, options: Any = None, **kwargs: Any) -> Any:
+    """whisper's `decode` (what `Whisper.decode` and so `transcribe()` call for every window), with
+    the static-cache steps where `uses_static_cache`: the registry installs it on CUDA models, so the
+    sequential engine's windows get the graphed steps too."""
+    import dataclasses
+
+    import whisper
+
+    options = options if options is not None else whisper.DecodingOptions()
+    if not uses_static_cache(model):
+        return whisper.decoding.decode(model, mel, options, **kwargs)
+    single = mel.ndim == 2
+    if single:
+        mel = mel.unsqueeze(0)
+    if kwargs:
+        options = dataclasses.replace(options, **kwargs)
+    with torch.no_grad():
+        result = decoding_task(True)(model, options).run(mel)
+    return result[0] if single else result
 
 
 _graphs_failed = False  # a capture failed once in this process: every later decoding runs its steps eagerly
@@ -105,12 +163,17 @@ class StaticCacheInference:
     # -- whisper's Inference ----------------------------------------------------------------------
 
     def logits(self, tokens: torch.Tensor, audio_features: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        outside = not torch.is_inference_mode_enabled()
+        with torch.inference_mode():  # the caches are inference tensors, whoever calls
             if self.buffers is None or tokens.shape[-1] <= self.initial_token_length:
-                return self._first(tokens, audio_features)
-            if tokens.shape[-1] != self.filled + 1:
+                logits = self._first(tokens, audio_features)
+            elif tokens.shape[-1] != self.filled + 1:
                 raise RuntimeError(f"decoder cache holds {self.filled} tokens, asked for {tokens.shape[-1]}")
-            return self._next(tokens[:, -1:], windows=audio_features.shape[0])
+            else:
+                logits = self._next(tokens[:, -1:], windows=audio_features.shape[0])
+        # whisper's logit filters change the logits in place; under transcribe()'s no_grad (not
+        # inference mode) they must be an ordinary tensor.
+        return logits.clone() if outside else logits
 
     def rearrange_kv_cache(self, source_indices: list[int]) -> None:
         if source_indices == list(range(len(source_indices))) or self.buffers is None:

@@ -9,6 +9,7 @@ backoff, so a machine without network does not try a download for every queued f
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter
@@ -262,6 +263,11 @@ class ModelRegistry:
             from daemon.models.attention import share_audio_keys
 
             module = share_audio_keys(module)  # beam search on a batch of windows
+            if self.device.startswith("cuda"):
+                from daemon.models import graphed_decoder
+
+                # whisper's transcribe() (the sequential engine) decodes each window with the graphed steps too
+                module.decode = functools.partial(graphed_decoder.decode, module)
             dtype = "float16" if self.fp16 else "float32"
             if self.device == "cpu":
                 from daemon.models.cpu import optimise_for_cpu

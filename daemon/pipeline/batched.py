@@ -337,44 +337,14 @@ def decode_batch(model: Any, features: torch.Tensor, options: Any, *, static_cac
       (daemon.models.graphed_decoder). `static_cache=True` runs those steps on a CPU too, eagerly
       (the tests compare them with whisper's); False keeps whisper's own.
     """
-    if static_cache is None:
-        from daemon.models import graphed_decoder
+    from daemon.models import graphed_decoder
 
-        static_cache = graphed_decoder.ENABLED and model.device.type == "cuda"
+    if static_cache is None:
+        static_cache = graphed_decoder.uses_static_cache(model)
     if (options.beam_size or options.best_of or 1) == 1:
-        return list(_decoding_task(static_cache)(model, options).run(features))
+        return list(graphed_decoder.decoding_task(static_cache)(model, options).run(features))
     results: list[Any] = _candidates_task(static_cache)(model, options).run(features)
     return results
-
-
-@functools.cache
-def _decoding_task(static_cache: bool) -> type:
-    """Return whisper's DecodingTask, or with `static_cache` one whose token steps run on the static caches
-    and whose timestamp rules apply to the whole batch at once (built on first use: importing whisper
-    is left to where a model is used)."""
-    from whisper.decoding import ApplyTimestampRules, BeamSearchDecoder, DecodingTask
-
-    if not static_cache:
-        return DecodingTask  # type: ignore[no-any-return]
-
-    class StaticCacheDecodingTask(DecodingTask):  # type: ignore[misc]
-        def __init__(self, model: Any, options: Any) -> None:
-            from daemon.models.graphed_decoder import StaticCacheInference, timestamp_rules
-
-            super().__init__(model, options)
-            start = len(self.initial_tokens)
-            self.inference = StaticCacheInference(model, start, start + self.sample_len,
-                                                  graphs=model.device.type == "cuda")
-            if isinstance(self.decoder, BeamSearchDecoder):
-                self.decoder.inference = self.inference  # beam search reorders the caches it holds
-            # whisper's timestamp rules, applied to the whole batch without a host sync per row
-            filters: list[Any] = self.logit_filters  # type: ignore[has-type]
-            self.logit_filters = [
-                timestamp_rules(f.tokenizer, f.sample_begin, f.max_initial_timestamp_index)
-                if type(f) is ApplyTimestampRules else f for f in filters
-            ]  # fmt: skip
-
-    return StaticCacheDecodingTask
 
 
 @functools.cache
@@ -382,7 +352,9 @@ def _candidates_task(static_cache: bool) -> type:
     """Return the DecodingTask with `run` kept but for the features of the candidates."""
     from whisper.decoding import DecodingResult, compression_ratio
 
-    class CandidatesDecodingTask(_decoding_task(static_cache)):  # type: ignore[misc]
+    from daemon.models.graphed_decoder import decoding_task
+
+    class CandidatesDecodingTask(decoding_task(static_cache)):  # type: ignore[misc]
         def run(self, mel: torch.Tensor) -> list[DecodingResult]:
             # whisper 20250625's DecodingTask.run, but for two lines: the audio features are not
             # repeated for each candidate, and so are not taken back one row in n_group afterwards.

@@ -293,6 +293,7 @@ class WhisperEngine:
         """Return the transcript of the audio under the rule; GPU out-of-memory is transient."""
         import whisper
 
+        from daemon.models.graphed_decoder import release as release_decoder_caches
         from daemon.pipeline.batched import find_speech, uses_batched
 
         if uses_batched(rule, audio.duration_s):
@@ -331,6 +332,7 @@ class WhisperEngine:
             finally:
                 restore()  # whisper failed before making its bar, if it has not been done
                 _ProgressBar.pending = None
+                release_decoder_caches(model)  # (CUDA) the decoder's caches go when the file is done
         if progress is not None:
             progress(1.0)
         segments = tuple(_segment(raw, audio.offset_s) for raw in result["segments"])
