@@ -3,10 +3,10 @@
 whisper's `PyTorchInference` grows each layer's key/value cache by concatenation at every token
 and launches every kernel of every layer from Python: on a GPU a token step of large-v3 (32
 layers, about 500 kernels) costs 17 ms whatever the batch, the device mostly idle between
-launches (measured on an H200, `bench/gpu.py`). Here the caches are allocated once per model, as
-large as the longest decoding needs, each new token's keys and values are written in place at its
-position, and one token step for a given number of rows is captured once as a CUDA graph and then
-replayed: one launch per token.
+launches (measured on an H200, `bench/gpu.py`). Here the caches are allocated once per run of an
+engine, as large as its largest decoding needs, each new token's keys and values are written in
+place at its position, and one token step for a given number of rows is captured once per run as
+a CUDA graph and then replayed: one launch per token.
 
 `StaticCacheInference` is a drop-in for whisper's `Inference` (the object `DecodingTask` asks for
 logits, and beam search asks to reorder the cache), so whisper's decoding loop, logit filters
@@ -41,7 +41,7 @@ MAX_GRAPHS = 8  # captured step graphs kept per model (one per number of rows; e
 
 
 class DecoderBuffers:
-    """One model's pre-allocated caches and captured step graphs (kept on the model while it is resident)."""
+    """One model's pre-allocated caches and captured step graphs (kept on the model until the engine's run ends)."""
 
     def __init__(self, model: Whisper, rows: int, windows: int, length: int, dtype: torch.dtype) -> None:
         dims = model.dims
@@ -186,7 +186,7 @@ class StaticCacheInference:
             b.values[:, :rows, :filled] = b.values[:, :rows, :filled].index_select(1, order)
 
     def cleanup_caching(self) -> None:
-        self.filled = 0  # the buffers stay with the model for the next decoding
+        self.filled = 0  # the buffers stay with the model for the run's next decoding
 
     # -- the steps ----------------------------------------------------------------------------------
 
