@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.variants import EOT, Decoding, whisper_options  # noqa: E402
-from bench.weights import SHAPES, VOCAB  # noqa: E402
+from bench.weights import SHAPES, VOCAB, random_state  # noqa: E402
 
 PACKED = ROOT / "bench" / ".cache" / "gpu" / "audio.npz"
 FIXTURE = ROOT / "tests" / "fixtures" / "speech-tiny.pt"
@@ -193,7 +193,7 @@ def equivalence(audio: dict[str, np.ndarray], work: Path, device: str) -> dict[s
 
     from daemon.config import Rule
     from daemon.models.attention import share_audio_keys
-    from daemon.models.checkpoint import Checkpoint, build_model, expected_shapes
+    from daemon.models.checkpoint import Checkpoint, build_model
     from daemon.pipeline.batched import BatchedEngine, decode_batch
     from daemon.pipeline.transcribe import WhisperEngine
 
@@ -234,9 +234,7 @@ def equivalence(audio: dict[str, np.ndarray], work: Path, device: str) -> dict[s
     # The decoder's steps on static caches replayed as CUDA graphs against whisper's own steps, same model.
     noise_dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=256, n_audio_head=4, n_audio_layer=2,
                                  n_vocab=VOCAB, n_text_ctx=448, n_text_state=256, n_text_head=4, n_text_layer=4)
-    torch.manual_seed(0)
-    noise_state = {name: torch.randn(size) * 0.05 + (1.0 if name.endswith("ln.weight") else 0.0)
-                   for name, size in expected_shapes(noise_dims).items()}
+    noise_state = random_state(noise_dims, scale=0.05)
     endless = f"-1,{EOT}"
     cases = {
         "trained_greedy": ({}, False), "trained_no_timestamps": ({"without_timestamps": True}, False),
@@ -276,21 +274,13 @@ def equivalence(audio: dict[str, np.ndarray], work: Path, device: str) -> dict[s
 
 def random_checkpoint(target: Path, shape: str, device: str) -> Path:
     """Write whisper's checkpoint of random float16 weights with the named shape (made on the GPU: fast)."""
-    import torch
     from whisper.model import ModelDimensions
 
-    from daemon.models.checkpoint import Checkpoint, expected_shapes, write_checkpoint
+    from daemon.models.checkpoint import Checkpoint, write_checkpoint
 
     dims = ModelDimensions(n_vocab=VOCAB, n_audio_ctx=1500, n_text_ctx=448, **SHAPES[shape])
-    generator = torch.Generator(device=device).manual_seed(0)
-    state = {}
-    for name, size in expected_shapes(dims).items():
-        values = torch.randn(size, generator=generator, device=device) * 0.02
-        if name.endswith(("ln.weight", "ln_post.weight")):
-            values += 1.0
-        state[name] = values.to(torch.float16).cpu()
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(Checkpoint(dims, state), target)
+    write_checkpoint(Checkpoint(dims, random_state(dims, device=device)), target)
     return target
 
 

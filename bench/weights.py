@@ -19,6 +19,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,30 +59,41 @@ def base_ct2(target: Path) -> Path:
     return target
 
 
+def random_state(dims: Any, *, seed: int = 0, scale: float = 0.02, device: str = "cpu") -> dict[str, Any]:
+    """Return random float16 weights (on the CPU) for a model of these dimensions, made on `device`.
+
+    Every tensor random, LayerNorm and biases too: CTranslate2 stores equal tensors (all-zero
+    biases) once, as aliases, and whisperd's reader refuses aliases it does not know.
+    """
+    import torch
+
+    from daemon.models.checkpoint import expected_shapes
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, size in expected_shapes(dims).items():
+        values = torch.randn(size, generator=generator, device=device) * scale
+        if name.endswith(("ln.weight", "ln_post.weight")):  # LayerNorm: attn_ln, mlp_ln, ln, ln_post
+            values += 1.0
+        state[name] = values.to(torch.float16).cpu()
+    return state
+
+
 def random_ct2(target: Path, shape: str, *, seed: int = 0) -> Path:
     """Return a CTranslate2 folder of random float16 weights with the named shape, made once."""
     recipe = json.dumps({"shape": SHAPES[shape], "vocab": VOCAB, "seed": seed}, sort_keys=True)
     if (target / "model.bin").is_file() and (target / RECIPE).is_file() and (target / RECIPE).read_text() == recipe:
         return target
     shutil.rmtree(target, ignore_errors=True)
-    import torch
     from whisper.model import ModelDimensions
 
-    from daemon.models.checkpoint import Checkpoint, expected_shapes, write_checkpoint
+    from daemon.models.checkpoint import Checkpoint, write_checkpoint
 
     sys.path.insert(0, str(ROOT / "tests"))
     from model_formats import write_ct2, write_hf  # the test suite's writers: transformers' and CTranslate2's own
 
     dims = ModelDimensions(n_vocab=VOCAB, n_audio_ctx=1500, n_text_ctx=448, **SHAPES[shape])
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, size in expected_shapes(dims).items():
-        values = torch.randn(size, generator=generator) * 0.02
-        if name.endswith(("ln.weight", "ln_post.weight")):  # LayerNorm: attn_ln, mlp_ln, ln, ln_post
-            values += 1.0
-        # Every tensor random, LayerNorm and biases too: CTranslate2 stores equal tensors (all-zero
-        # biases) once, as aliases, and whisperd's reader refuses aliases it does not know.
-        state[name] = values.to(torch.float16)
+    state = random_state(dims, seed=seed)
     work = target.parent / f".{target.name}.work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
